@@ -1,0 +1,99 @@
+"""Backends and how one is chosen (SPEC §8).
+
+A backend is a pair of functions on validated inputs:
+
+* ``filter_loss(x, beta) -> Tensor[C]``: −MI per filter, in float32 (float64 for float64 inputs),
+  differentiable with respect to x. x is [B, C, H, W] with any strides and any floating dtype.
+* ``template_mask(x, beta, center, scale, relu) -> Tensor``: the masked map, same shape and dtype as x.
+
+Backends are loaded lazily by name; a loader raises :class:`BackendUnavailable` with the reason when it
+cannot be used here. ``backend=None`` takes, for the tensor's device, the first available backend of
+``AUTOMATIC_ORDER``; the environment variable ``FASTEXPLAIN_BACKEND`` forces one for debugging.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+ENV_VAR = "FASTEXPLAIN_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that exists but cannot run here (not built, no GPU, …); the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: frozenset[str]
+    filter_loss: Callable[[Tensor, float], Tensor]
+    template_mask: Callable[[Tensor, float, str, "str | None", bool], Tensor]
+
+
+# name -> module that defines ``load_backend() -> Backend``
+_MODULES = {
+    "reference": "fastexplain.ops.reference_backend",
+    "cpu": "fastexplain.ops.cpu",
+    "triton": "fastexplain.ops.triton_backend",
+}
+AUTOMATIC_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+_loaded: dict[str, "Backend | BackendUnavailable"] = {}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def load(name: str) -> Backend:
+    """The backend called ``name``; raises BackendUnavailable (with the reason) or ValueError (unknown)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()} or None for automatic")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _loaded[name] = module.load_backend()
+        except BackendUnavailable as error:
+            _loaded[name] = error
+        except ImportError as error:
+            _loaded[name] = BackendUnavailable(f"backend {name!r} is unavailable: {error}")
+    result = _loaded[name]
+    if isinstance(result, BackendUnavailable):
+        raise result
+    return result
+
+
+def availability() -> dict[str, str | None]:
+    """For every backend: None when it can be used here, otherwise the reason it cannot."""
+    report: dict[str, str | None] = {}
+    for name in _MODULES:
+        try:
+            load(name)
+            report[name] = None
+        except BackendUnavailable as error:
+            report[name] = str(error)
+    return report
+
+
+def select(backend: str | None, x: Tensor, op: str) -> Backend:
+    """The backend that runs ``op`` on x: the one asked for, the forced one, or the automatic choice."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    device_type = x.device.type
+    if requested is not None:
+        try:
+            chosen = load(requested)
+        except BackendUnavailable as error:
+            raise BackendUnavailable(f"{op}: {error}") from None
+        if device_type not in chosen.device_types:
+            raise ValueError(f"{op}: backend {requested!r} runs on {sorted(chosen.device_types)} tensors, "
+                             f"got a {device_type} tensor; move the tensor or pick another backend")
+        return chosen
+    for name in AUTOMATIC_ORDER.get(device_type, ("reference",)):
+        try:
+            return load(name)
+        except BackendUnavailable:
+            continue
+    return load("reference")
