@@ -13,18 +13,30 @@ __all__ = ["filter_loss", "template_mask", "relu_template_mask", "availability",
 
 
 def filter_loss(x: Tensor, *, beta: float = DEFAULT_BETA, reduction: str = "sum",
-                backend: str | None = None) -> Tensor:
+                backend: str | None = None, process_group: object | None = None,
+                ddp_gradients: bool = False) -> Tensor:
     """The filter loss −MI of SPEC §2, exact over the batch, for post-ReLU maps x [B, C, H, W].
 
     ``reduction``: "sum" over filters (the paper's Σ_f loss_f), "mean", or "none" ([C]).
     The result is float32 (float64 for float64 inputs) whatever the input dtype; fp16/bf16 are upcast.
     Multiply by the weight λ yourself: the loss is ~1e-4 per filter for unit-scale maps (SPEC §2).
+    ``process_group``: a torch.distributed group (e.g. ``dist.group.WORLD``): the loss and its gradient are
+    the exact −MI over the union of all ranks' batches, a collective call (docs/distributed.md).
+    ``ddp_gradients=True`` (with a group) scales the gradient reaching x by the group size, for DDP.
     """
     op = "filter_loss"
     check_feature_maps(x, op)
     check_beta(beta, op)
     check_choice("reduction", reduction, REDUCTIONS, op)
-    per_filter = _registry.select(backend, x, op).filter_loss(x, float(beta))
+    if process_group is not None:
+        from ..distributed import global_filter_loss_per_filter
+
+        per_filter = global_filter_loss_per_filter(x, float(beta), process_group, backend=backend,
+                                                   ddp_gradients=ddp_gradients)
+    elif ddp_gradients:
+        raise ValueError(f"{op}: ddp_gradients=True needs a process_group; pass process_group=dist.group.WORLD")
+    else:
+        per_filter = _registry.select(backend, x, op).filter_loss(x, float(beta))
     if reduction == "sum":
         return per_filter.sum()
     if reduction == "mean":
