@@ -78,9 +78,12 @@ def test_unknown_backend_lists_the_known_ones():
         fastexplain.filter_loss(torch.rand(2, 1, 2, 2), backend="fast")
 
 
-def test_unavailable_backend_says_why():
+def test_unavailable_backend_says_why(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present here")
+    from fastexplain.ops import _registry
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest turns Triton's CPU interpreter on
+    monkeypatch.setattr(_registry, "_loaded", {})
     with pytest.raises((BackendUnavailable, ValueError), match="triton|cuda|CUDA"):
         fastexplain.filter_loss(torch.rand(2, 1, 2, 2), backend="triton")
 
