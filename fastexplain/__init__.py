@@ -2,14 +2,32 @@
 from __future__ import annotations
 
 from .ops import BackendUnavailable, filter_loss, relu_template_mask, template_mask
+from .checkpoint import CheckpointError, load_explainer
+from .nn import Explainer, ExplainerConfig, ExplainerOutput, InterpretableConv2d
+from .performer import Performer
+from .train import TrainConfig, fit
 from .templates import part_templates, template_alpha, template_entropy, template_priors, template_tau
+from .metrics import location_instability, part_interpretability
+from .data.partworld import PartWorld
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "BackendUnavailable",
+    "CheckpointError",
+    "Explainer",
+    "ExplainerConfig",
+    "ExplainerOutput",
+    "InterpretableConv2d",
+    "Performer",
+    "TrainConfig",
+    "fit",
+    "load_explainer",
     "filter_loss",
+    "location_instability",
+    "part_interpretability",
+    "PartWorld",
     "part_templates",
     "relu_template_mask",
     "template_alpha",

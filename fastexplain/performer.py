@@ -1,0 +1,269 @@
+"""The performer: a frozen CNN whose feature map at a named layer the explainer learns to explain (SPEC §4).
+
+A :class:`Performer` wraps any ``nn.Module`` (or a torchvision classification model built by name, random
+init unless ``weights=PATH`` names a local state_dict — nothing is ever downloaded). Layers are named by
+their dotted ``named_modules`` path. The wrapped model is frozen and stays in eval mode even when a parent
+module's ``.train()`` is called.
+
+Features are read with forward hooks. When no head is needed the forward pass stops right after the
+highest requested layer (a private exception raised from the hook), so the layers above it cost nothing.
+
+The **head** maps the feature at the target layer to the model's output, so that predictions can be
+computed from a reconstruction:
+
+* ``head="auto"`` (default): an explicit head for the architectures whose "rest of the network" is known —
+  ``nn.Sequential`` models, VGG/AlexNet-style models (``features`` Sequential → ``avgpool`` → flatten →
+  ``classifier``) and torchvision ResNets (a stage ``layerN``, a block ``layerN.i`` or a stem module).
+  Its cost is only the layers above the target layer. Anything else: feature-only mode (no head).
+* ``head="hook"``: works for any model whose forward calls the target layer once and returns logits: the
+  whole model is run on the images with a forward hook substituting the target layer's output. Cost: one
+  full performer forward per call (the layers below the target are recomputed, without autograd).
+* ``head=None``: feature-only mode.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+HEAD_MODES = ("auto", "hook", None)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESNET_ORDER = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested feature has been captured."""
+
+
+class PerformerFeatures(NamedTuple):
+    """The performer's features for a batch of images."""
+
+    input: Tensor            #: x* at the explained layer, [B, C, h, w]
+    target: Tensor           #: the feature at the target layer (the input layer by default)
+    logits: Tensor | None    #: the performer's output, or None in feature-only mode
+
+
+@dataclass(frozen=True)
+class PerformerSpec:
+    """How to rebuild a torchvision performer; stored in checkpoints (None for a user module)."""
+
+    model: str
+    layer: str
+    target_layer: str
+    weights: str | None
+    num_classes: int
+    head: str | None
+
+
+def _closest_names(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.3) or valid[:5]
+    return ", ".join(repr(n) for n in close)
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path ``name``; an unknown name lists the closest valid ones."""
+    modules = dict(model.named_modules())
+    if not isinstance(name, str) or not name or name not in modules:
+        valid = [n for n in modules if n]
+        raise ValueError(f"unknown layer {name!r}; closest valid names: {_closest_names(str(name), valid)} "
+                         f"(see [n for n, _ in model.named_modules()])")
+    return modules[name]
+
+
+def _sequential_head(model: nn.Module, layer: str) -> nn.Module | None:
+    """The rest of the network after ``layer`` for Sequential, VGG/AlexNet-style and ResNet models."""
+    parts = layer.split(".")
+    if isinstance(model, nn.Sequential) and len(parts) == 1:
+        names = [n for n, _ in model.named_children()]
+        return nn.Sequential(*list(model)[names.index(parts[0]) + 1:])
+    if (isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "avgpool")
+            and isinstance(getattr(model, "classifier", None), nn.Module)):
+        if layer == "features":
+            rest: list[nn.Module] = []
+        elif parts[0] == "features" and len(parts) == 2 and parts[1].isdigit():
+            rest = list(model.features)[int(parts[1]) + 1:]
+        else:
+            return None
+        return nn.Sequential(*rest, model.avgpool, nn.Flatten(1), model.classifier)
+    if all(hasattr(model, n) for n in _RESNET_ORDER):
+        stage = parts[0]
+        if stage not in _RESNET_ORDER or stage == "fc" or len(parts) > 2:
+            return None
+        rest = []
+        if len(parts) == 2:
+            blocks = getattr(model, stage)
+            if not isinstance(blocks, nn.Sequential) or not parts[1].isdigit():
+                return None
+            rest.extend(list(blocks)[int(parts[1]) + 1:])
+        following = _RESNET_ORDER[_RESNET_ORDER.index(stage) + 1:]
+        for n in following:
+            rest.append(getattr(model, n))
+            if n == "avgpool":
+                rest.append(nn.Flatten(1))
+        return nn.Sequential(*rest)
+    return None
+
+
+class Performer(nn.Module):
+    """A frozen CNN with an explained layer, a target layer and (where possible) a head (SPEC §4).
+
+    Args:
+        model: the CNN. Its parameters are frozen (requires_grad False) and it is kept in eval mode.
+        layer: dotted path of the explained layer (its output is x*).
+        target_layer: dotted path of the layer whose output the explainer reconstructs (default: ``layer``).
+        head: "auto", "hook" or None (see the module docstring).
+        mean, std: per-channel input normalisation applied to images in [0, 1] (None: images used as given).
+        spec: how to rebuild this performer (set by :meth:`from_torchvision`; checkpoints store it).
+    """
+
+    def __init__(self, model: nn.Module, layer: str, target_layer: str | None = None, *,
+                 head: str | None = "auto", mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None, spec: PerformerSpec | None = None) -> None:
+        super().__init__()
+        if head not in HEAD_MODES:
+            raise ValueError(f"Performer: head must be one of {HEAD_MODES}, got {head!r}")
+        self.model = model
+        self.layer = layer
+        self.target_layer = target_layer if target_layer is not None else layer
+        self._layer_module = resolve_layer(model, self.layer)
+        self._target_module = resolve_layer(model, self.target_layer)
+        model.requires_grad_(False)
+        model.eval()
+        self.head_mode = head
+        self.head: nn.Module | None = _sequential_head(model, self.target_layer) if head == "auto" else None
+        self.spec = spec
+        if (mean is None) != (std is None):
+            raise ValueError("Performer: give both mean and std for input normalisation, or neither")
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_torchvision(cls, name: str, layer: str, target_layer: str | None = None, *,
+                         weights: str | Path | None = None, num_classes: int = 1000,
+                         head: str | None = "auto") -> "Performer":
+        """A torchvision classification model by name (random init; ``weights``: a local state_dict file)."""
+        import torchvision
+
+        available = sorted(torchvision.models.list_models(module=torchvision.models))
+        if name not in available:
+            raise ValueError(f"unknown torchvision classification model {name!r}; closest: "
+                             f"{_closest_names(name, available)}")
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if weights is not None:
+            model.load_state_dict(load_state_dict_file(weights))
+        spec = PerformerSpec(model=name, layer=layer, target_layer=target_layer or layer,
+                             weights=None if weights is None else str(Path(weights).resolve()),
+                             num_classes=num_classes, head=head)
+        return cls(model, layer, target_layer, head=head, mean=IMAGENET_MEAN, std=IMAGENET_STD, spec=spec)
+
+    @classmethod
+    def from_spec(cls, spec: PerformerSpec | dict[str, Any]) -> "Performer":
+        """Rebuild a performer recorded with :meth:`from_torchvision` (e.g. from a checkpoint)."""
+        spec = spec if isinstance(spec, PerformerSpec) else PerformerSpec(**spec)
+        return cls.from_torchvision(spec.model, spec.layer, spec.target_layer, weights=spec.weights,
+                                    num_classes=spec.num_classes, head=spec.head)
+
+    def train(self, mode: bool = True) -> "Performer":
+        """The performer stays in eval mode whatever ``mode`` is (it is frozen)."""
+        super().train(False)
+        return self
+
+    @property
+    def has_head(self) -> bool:
+        return self.head is not None or self.head_mode == "hook"
+
+    def normalise(self, images: Tensor) -> Tensor:
+        if self.mean is None:
+            return images
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, *, with_logits: bool = True) -> PerformerFeatures:
+        """x*, the target feature and (when a head exists and ``with_logits``) the performer's output."""
+        captured: dict[str, Tensor] = {}
+        want_logits = with_logits and self.has_head
+        wanted = {self.layer, self.target_layer}
+
+        def capture(name: str) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if not isinstance(output, Tensor) or output.dim() != 4:
+                    raise ValueError(f"layer {name!r} returns {type(output).__name__} "
+                                     f"{tuple(getattr(output, 'shape', ()))}, not a [B, C, H, W] feature map; "
+                                     f"pick a convolutional layer")
+                captured.setdefault(name, output.detach())
+                if not want_logits and wanted <= captured.keys():
+                    raise _StopForward
+            return hook
+
+        handles = [self._layer_module.register_forward_hook(capture(self.layer))]
+        if self.target_layer != self.layer:
+            handles.append(self._target_module.register_forward_hook(capture(self.target_layer)))
+        logits = None
+        try:
+            output = self.model(self.normalise(images))
+            if want_logits and self.head_mode == "hook":
+                logits = output
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = wanted - captured.keys()
+        if missing:
+            raise ValueError(f"layer(s) {sorted(missing)} were not called in the model's forward pass")
+        if want_logits and self.head is not None:
+            logits = self.head(captured[self.target_layer])
+        return PerformerFeatures(captured[self.layer], captured[self.target_layer], logits)
+
+    def run_head(self, target_feature: Tensor, images: Tensor | None = None) -> Tensor:
+        """The performer's output computed from a (reconstructed) target feature; differentiable in it.
+
+        ``images`` is needed only in ``head="hook"`` mode, where the whole model runs with the target
+        layer's output replaced by ``target_feature``.
+        """
+        if self.head is not None:
+            return self.head(target_feature)
+        if self.head_mode != "hook":
+            raise RuntimeError("this performer has no head (feature-only mode); use head='hook' or a "
+                               "Sequential/VGG/AlexNet/ResNet model")
+        if images is None:
+            raise ValueError("run_head: head='hook' needs the images the target feature was computed from")
+
+        def substitute(module: nn.Module, args: Any, output: Any) -> Tensor:
+            return target_feature.to(output.dtype) if isinstance(output, Tensor) else output
+
+        handle = self._target_module.register_forward_hook(substitute)
+        try:
+            return self.model(self.normalise(images))
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def probe(self, image_size: int | tuple[int, int], channels: int = 3) -> tuple[torch.Size, torch.Size]:
+        """Shapes (C, h, w) of x* and of the target feature for images of ``image_size``."""
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        feats = self.features(torch.zeros(1, channels, *size, device=device), with_logits=False)
+        return feats.input.shape[1:], feats.target.shape[1:]
+
+    def forward(self, images: Tensor) -> PerformerFeatures:
+        return self.features(images)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """A local state_dict file (weights only); a missing or unreadable file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass the path of a local state_dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state_dict"
+        raise ValueError(f"{str(path)!r} is not a readable state_dict file ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    return state

@@ -1,0 +1,230 @@
+"""Label-free training of an explainer on a frozen performer (SPEC §4, issue 6).
+
+``fit(performer, dataset, out_dir)`` trains an :class:`~fastexplain.nn.Explainer` on the performer's
+features of the dataset's images (labels, if the dataset yields any, are ignored), writes
+``out_dir/checkpoint.pt`` atomically after every epoch and returns the per-epoch history.
+
+Determinism and resume: the explainer is initialised from ``seed``; epoch e visits the images in the
+order ``randperm(N, generator=seed·1000003 + e)``; the learning-rate schedule depends only on the epoch
+index (constant, or step decay every ``step_epochs``) — never on the total number of epochs — so training
+1 epoch and resuming to 2 gives the same weights as 2 straight epochs (bit-identical on CPU). The
+checkpoint holds the explainer and optimiser states, the epoch count, the history and the torch RNG state.
+
+Defaults (see docs/explainer.md): Adam, lr 1e-3, the gate's lr ×10 (``gate_lr_scale``: under Adam a
+scalar moves at most ~lr per step, so p would need thousands of steps to move from 0.5), constant
+schedule, gradient-norm clipping at 5, batch 32, 20 epochs, float32 (``autocast="bf16"`` optional).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import explainer_from_state, load_checkpoint, save_checkpoint
+from .nn.explainer import Explainer, ExplainerConfig
+from .performer import Performer
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "step")
+AUTOCASTS = (None, "bf16")
+CHECKPOINT_NAME = "checkpoint.pt"
+# fields that may change between a run and its resumption
+_RESUMABLE_CHANGES = ("epochs", "num_workers", "device")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of :func:`fit` (the loss weights λ, γ, η live in ExplainerConfig)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    optimizer: str = "adam"          #: "adam", "adamw" or "sgd" (momentum 0.9)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    gate_lr_scale: float = 10.0      #: learning-rate multiplier for the parameters of p
+    schedule: str = "constant"       #: "constant" or "step" (lr × step_gamma every step_epochs epochs)
+    step_epochs: int = 10
+    step_gamma: float = 0.1
+    grad_clip: float | None = 5.0    #: max global gradient norm (None: no clipping)
+    autocast: str | None = None      #: None (float32) or "bf16"
+    seed: int = 0
+    num_workers: int = 0
+    device: str | None = None        #: None: "cuda" when available, else "cpu"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("autocast", AUTOCASTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "step_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig: {name} must be ≥ 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be positive, got {self.lr!r}")
+
+    def lr_factor(self, epoch: int) -> float:
+        """The schedule's multiplier for 0-based ``epoch`` (independent of the total epoch count)."""
+        return self.step_gamma ** (epoch // self.step_epochs) if self.schedule == "step" else 1.0
+
+
+def image_of(item: Any) -> Tensor:
+    """The image of a dataset item: the item itself, its first element, or item["image"]; labels ignored."""
+    if isinstance(item, Tensor):
+        return item
+    if isinstance(item, dict) and "image" in item:
+        return item["image"]
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+        return item[0]
+    raise TypeError(f"dataset items must be an image tensor [3, H, W], a tuple (image, ...) or a dict with "
+                    f"an 'image' key; got {type(item).__name__}")
+
+
+def collate_images(items: Sequence[Any]) -> Tensor:
+    return torch.stack([image_of(item) for item in items])
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The data order of ``epoch``: a permutation fixed by (seed, epoch) so that resuming reproduces it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def make_explainer_config(performer: Performer, image_size: tuple[int, int],
+                          overrides: ExplainerConfig | dict[str, Any] | None) -> ExplainerConfig:
+    """The explainer config for this performer: channels and sizes probed, the rest from ``overrides``."""
+    (C, h, w), (Ct, ht, wt) = performer.probe(image_size)
+    if isinstance(overrides, ExplainerConfig):
+        if overrides.in_channels != C or overrides.target_channels != Ct:
+            raise ValueError(f"explainer config expects {overrides.in_channels}→{overrides.target_channels} "
+                             f"channels, the performer's layers give {C}→{Ct}")
+        return overrides
+    values = dict(overrides or {})
+    for fixed in ("in_channels", "target_channels", "target_size"):
+        if fixed in values:
+            raise ValueError(f"explainer option {fixed!r} is set from the performer; remove it")
+    return ExplainerConfig(in_channels=C, target_channels=Ct,
+                           target_size=None if (ht, wt) == (h, w) else (ht, wt), **values)
+
+
+def make_optimizer(explainer: Explainer, config: TrainConfig) -> torch.optim.Optimizer:
+    gate_ids = {id(p) for p in explainer.gate_parameters()}
+    groups = [{"params": [p for p in explainer.parameters() if id(p) not in gate_ids], "lr_scale": 1.0},
+              {"params": explainer.gate_parameters(), "lr_scale": config.gate_lr_scale}]
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
+    now = asdict(current)
+    changed = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume: the training settings differ from the checkpoint's ({details}); "
+                         f"use the same settings or a new output directory")
+
+
+def train_step(performer: Performer, explainer: Explainer, optimizer: torch.optim.Optimizer, images: Tensor,
+               config: TrainConfig) -> dict[str, float]:
+    """One optimisation step on a batch of images; returns the loss terms and the mean p."""
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast == "bf16"):
+        features = performer.features(images)
+        head = (lambda feature: performer.run_head(feature, images)) if performer.has_head else None
+        output = explainer(features.input, features.target, performer_logits=features.logits, head=head)
+    losses = output.losses
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    if config.grad_clip is not None:
+        nn.utils.clip_grad_norm_(explainer.parameters(), config.grad_clip)
+    optimizer.step()
+    return {**losses.as_floats(), "p": float(output.p.detach().float().mean())}
+
+
+def fit(performer: Performer, dataset: Dataset | DataLoader, out_dir: str | Path,
+        config: TrainConfig | None = None, explainer_config: ExplainerConfig | dict[str, Any] | None = None, *,
+        resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Train an explainer on ``performer``'s features of ``dataset``; returns the per-epoch history.
+
+    ``dataset`` yields images in [0, 1] (or (image, ...) tuples / {"image": ...} dicts; labels ignored);
+    a DataLoader is accepted for its dataset only (fit owns the data order). ``explainer_config`` is a
+    full :class:`ExplainerConfig` or a dict of options (channels and sizes are probed from the performer).
+    ``resume=True`` continues from ``out_dir/checkpoint.pt`` when it exists (to ``config.epochs`` epochs
+    in total) and starts afresh otherwise; without it an existing checkpoint is an error.
+    ``extra`` (e.g. the dataset spec) is stored in the checkpoint for ``explain``.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    dataset = dataset.dataset if isinstance(dataset, DataLoader) else dataset
+    if len(dataset) == 0:
+        raise ValueError("fit: the dataset is empty")
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{str(checkpoint_path)!r} already exists; resume it (--resume / resume=True) "
+                              f"or choose another output directory")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    performer = performer.to(device)
+    image_size = tuple(image_of(dataset[0]).shape[-2:])
+
+    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    torch.manual_seed(config.seed)
+    if state is not None:
+        _check_resumable(state["train_config"], config)
+        explainer = explainer_from_state(state).to(device)
+        requested = None if explainer_config is None else make_explainer_config(performer, image_size, explainer_config)
+        if requested is not None and requested != explainer.config:
+            raise ValueError("cannot resume: the explainer options differ from the checkpoint's; use the same "
+                             "options or a new output directory")
+        optimizer = make_optimizer(explainer, config)
+        optimizer.load_state_dict(state["optimizer"])
+        history: list[dict[str, float]] = list(state["history"])
+        start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng"]["torch"])
+    else:
+        explainer = Explainer(make_explainer_config(performer, image_size, explainer_config)).to(device)
+        optimizer = make_optimizer(explainer, config)
+        history, start_epoch = [], 0
+
+    explainer.train()
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * group["lr_scale"] * config.lr_factor(epoch)
+        order = epoch_order(len(dataset), config.seed, epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order,
+                            num_workers=config.num_workers, collate_fn=collate_images)
+        totals: dict[str, float] = {}
+        images_seen, started = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        for images in bar:
+            images = images.to(device, non_blocking=True)
+            terms = train_step(performer, explainer, optimizer, images, config)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value * images.shape[0]
+            images_seen += images.shape[0]
+            bar.set_postfix(loss=f"{terms['total']:.4f}", rec=f"{terms['reconstruction']:.4f}",
+                            kl=f"{terms['kl']:.4f}", filt=f"{terms['filter']:.4f}", p=f"{terms['p']:.3f}")
+        entry = {name: value / images_seen for name, value in totals.items()}
+        entry.update(epoch=epoch + 1, lr=config.lr * config.lr_factor(epoch), seconds=time.perf_counter() - started)
+        history.append(entry)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['total']:.4f}  reconstruction "
+                       f"{entry['reconstruction']:.4f}  kl {entry['kl']:.4f}  filter {entry['filter']:.4f}  "
+                       f"p {entry['p']:.3f}")
+        save_checkpoint(checkpoint_path, {
+            "explainer_config": explainer.config.to_dict(), "train_config": asdict(config),
+            "performer": None if performer.spec is None else asdict(performer.spec),
+            "image_size": list(image_size), "extra": dict(extra or {}),
+            "explainer": explainer.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "history": history, "rng": {"torch": torch.get_rng_state()},
+        })
+    return history

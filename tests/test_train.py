@@ -1,0 +1,143 @@
+"""Label-free training: losses decrease, p moves with η, exact resume, checkpoints (issue 6)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fastexplain import CheckpointError, Performer, TrainConfig, fit, load_explainer
+from fastexplain.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _performer() -> Performer:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+    return Performer(net, "4")
+
+
+def _images(count: int = 16, size: int = 12) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_total_reconstruction_and_filter_losses_decrease(tmp_path: Path) -> None:
+    history = fit(_performer(), _images(), tmp_path, TrainConfig(epochs=6, batch_size=8, lr=5e-3), {"parts": 8},
+                  progress=False)
+    first, last = history[0], history[-1]
+    assert last["total"] < first["total"] - 0.1
+    assert last["reconstruction"] < first["reconstruction"] - 0.1
+    assert last["filter"] < first["filter"]
+    assert first["kl"] > 0 and all(0 < entry["p"] < 1 for entry in history)
+    assert [entry["epoch"] for entry in history] == list(range(1, 7))
+
+
+def test_p_moves_up_with_eta(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=3, batch_size=8, lr=5e-3)
+    low = fit(_performer(), _images(), tmp_path / "low", config, {"parts": 4, "p_weight": 0.0}, progress=False)
+    high = fit(_performer(), _images(), tmp_path / "high", config, {"parts": 4, "p_weight": 5.0}, progress=False)
+    assert high[-1]["p"] > 0.55 and high[-1]["p"] > low[-1]["p"] + 0.03
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    options = {"parts": 4}
+    straight = fit(_performer(), _images(), tmp_path / "straight", TrainConfig(epochs=2, batch_size=6), options,
+                   progress=False)
+    fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=1, batch_size=6), options, progress=False)
+    resumed = fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=2, batch_size=6), options,
+                  resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["explainer"].keys() == b["explainer"].keys()
+    for key in a["explainer"]:
+        assert torch.equal(a["explainer"][key], b["explainer"][key]), key
+    assert [e["total"] for e in straight] == [e["total"] for e in resumed]
+    assert b["epoch"] == 2 and len(b["history"]) == 2
+
+
+def test_same_seed_same_weights_and_batch_size_one(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, batch_size=1, seed=3)
+    fit(_performer(), _images(3), tmp_path / "a", config, {"parts": 4}, progress=False)
+    fit(_performer(), _images(3), tmp_path / "b", config, {"parts": 4}, progress=False)
+    a, b = load_explainer(tmp_path / "a" / "checkpoint.pt"), load_explainer(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not a.training and a.config.parts == 4
+
+
+def test_bf16_autocast_trains(tmp_path: Path) -> None:
+    history = fit(_performer(), _images(8), tmp_path, TrainConfig(epochs=1, batch_size=4, autocast="bf16"),
+                  {"parts": 4}, progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+
+
+def test_existing_checkpoint_needs_resume_and_settings_must_match(tmp_path: Path) -> None:
+    fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=1, batch_size=4), {"parts": 4}, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=2, batch_size=4), {"parts": 4}, progress=False)
+    with pytest.raises(ValueError, match="batch_size: 4 → 2"):
+        fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=2, batch_size=2), {"parts": 4}, resume=True,
+            progress=False)
+    with pytest.raises(ValueError, match="explainer options differ"):
+        fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=2, batch_size=4), {"parts": 5}, resume=True,
+            progress=False)
+
+
+def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=1, batch_size=4), {"parts": 4}, progress=False)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_explainer(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a fastexplain checkpoint"):
+        load_explainer(foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_explainer(text)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_explainer(tmp_path / "missing.pt")
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["explainer"]["decoder2.weight"] = state["explainer"]["decoder2.weight"][:1]
+    save_checkpoint(tmp_path / "mismatch.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_explainer(tmp_path / "mismatch.pt")
+
+
+def test_checkpoint_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(tmp_path / "c.pt", {"epoch": 1})
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "c.pt", {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize("name, layer", [("vgg11", "features.12"), ("alexnet", "features.7"), ("resnet18", "layer3")])
+def test_torchvision_performers_end_to_end(tmp_path: Path, name: str, layer: str) -> None:
+    performer = Performer.from_torchvision(name, layer, num_classes=4)
+    history = fit(performer, _images(2, 64), tmp_path, TrainConfig(epochs=1, batch_size=2), {"parts": 4},
+                  progress=False)
+    assert history[0]["kl"] >= 0 and 0 < history[0]["p"] < 1
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["performer"]["model"] == name and state["image_size"] == [64, 64]
+    if name == "resnet18":  # rebuilding is the same code for every model; vgg11 is slow to initialise
+        rebuilt = Performer.from_spec(state["performer"])
+        explainer = load_explainer(tmp_path / "checkpoint.pt")
+        assert explainer(rebuilt.features(_images(1, 64)).input).part_maps.shape[1] == 4
+
+
+def test_hook_head_and_feature_only_performers_train(tmp_path: Path) -> None:
+    net = _performer().model
+    hooked = fit(Performer(net, "4", head="hook"), _images(4), tmp_path / "hook", TrainConfig(epochs=1, batch_size=4),
+                 {"parts": 4}, progress=False)
+    feature_only = fit(Performer(net, "4", head=None), _images(4), tmp_path / "none",
+                       TrainConfig(epochs=1, batch_size=4), {"parts": 4}, progress=False)
+    assert hooked[0]["kl"] > 0 and feature_only[0]["kl"] == 0
+    assert load_checkpoint(tmp_path / "none" / "checkpoint.pt")["performer"] is None
