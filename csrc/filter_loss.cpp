@@ -1,0 +1,366 @@
+// Fused filter loss −MI per filter (SPEC §2) and its exact gradient, without materialising the
+// B×C×(HW+1) logits: filters run in parallel (at::parallel_for), each with a thread-local O(B·HW) workspace.
+// The numerics follow fastexplain/ops/reference.py: batch-centred maps, centred log-mean-exp,
+// u = log(B·q), v = log(B·P), MI = Σ_t p_t mean_b f(u) − mean_b f(v).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernel_math.h"
+
+namespace fastexplain {
+namespace {
+
+const char* kNonfinite =
+    "filter_loss: the input contains NaN or Inf; check the layer that produced it (or lower the learning rate)";
+const char* kNegative =
+    "filter_loss: the input has negative values, but the filter loss is defined on post-ReLU feature maps "
+    "(x ≥ 0); apply torch.relu first";
+
+// FASTEXPLAIN_CPU_PYRAMID picks the pyramid correlation: "auto" (default: the one with fewer operations for
+// this map size), "direct" (sparse stencil, O(r²) per position) or "prefix" (prefix sums, O(1) per position).
+int64_t pyramid_method() {
+  const char* value = std::getenv("FASTEXPLAIN_CPU_PYRAMID");
+  const std::string name = value ? value : "";
+  if (name.empty() || name == "auto") return 0;
+  if (name == "direct") return 1;
+  if (name == "prefix") return 2;
+  TORCH_CHECK_VALUE(false, "FASTEXPLAIN_CPU_PYRAMID must be 'auto', 'direct' or 'prefix', got '", name, "'");
+  return 0;
+}
+
+// Shape and template constants of one call (SPEC §1).
+struct LossGeometry {
+  int64_t B, C, H, W, HW, T;
+  double tau, kappa, prior_negative, prior_positive;
+  int64_t sB, sC, sH, sW;
+
+  LossGeometry(const at::Tensor& x, double beta)
+      : B(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), HW(H * W), T(H * W + 1),
+        tau(0.5 / static_cast<double>(H * W)), kappa(beta / static_cast<double>(std::max(H, W))),
+        prior_negative(1.0 - static_cast<double>(HW) / (1.0 + HW)), prior_positive(1.0 / (1.0 + HW)),
+        sB(x.stride(0)), sC(x.stride(1)), sH(x.stride(2)), sW(x.stride(3)) {}
+};
+
+// Per-thread buffers, all position-major with the batch innermost.
+template <typename F>
+struct Workspace {
+  std::vector<F> maps, pyramid, u, w, row;
+  PyramidCorrelator<F> correlate;
+  Workspace(const LossGeometry& g, const PyramidPlan& plan)
+      : maps(g.HW * g.B), pyramid(g.HW * g.B), u(g.T * g.B), w(g.T * g.B), row(g.B), correlate(plan, g.B) {}
+};
+
+// maps[i][b] = x[b, c, i] − mean_b x[b, c, i] in the compute type; flags NaN/Inf and negative values.
+// Each image's map is first copied contiguously (checked with vectorised reductions), then transposed in tiles.
+template <typename scalar_t, typename F>
+void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F* staging, F* maps, bool& nonfinite,
+                         bool& negative) {
+  const bool dense = (g.W == 1 || g.sW == 1) && (g.H == 1 || g.sH == g.W);
+  for (int64_t b = 0; b < g.B; ++b) {
+    const scalar_t* image = x + b * g.sB + c * g.sC;
+    F* __restrict row = staging + b * g.HW;
+    if (dense) {
+      for (int64_t i = 0; i < g.HW; ++i) row[i] = static_cast<F>(image[i]);
+    } else {
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t w = 0; w < g.W; ++w) row[h * g.W + w] = static_cast<F>(image[h * g.sH + w * g.sW]);
+    }
+    // Lane-wise reductions (vectorised without reassociation flags): poison is NaN when some value is NaN
+    // or ±Inf (x·0), lowest is negative when some value is.
+    constexpr int64_t lanes = 16;
+    F poison[lanes] = {}, low[lanes] = {};
+    int64_t i = 0;
+    for (; i + lanes <= g.HW; i += lanes)
+      for (int64_t l = 0; l < lanes; ++l) {
+        poison[l] += row[i + l] * F(0);
+        low[l] = row[i + l] < low[l] ? row[i + l] : low[l];
+      }
+    F lowest = F(0), poison_total = F(0);
+    for (; i < g.HW; ++i) {
+      poison_total += row[i] * F(0);
+      lowest = row[i] < lowest ? row[i] : lowest;
+    }
+    for (int64_t l = 0; l < lanes; ++l) {
+      poison_total += poison[l];
+      lowest = low[l] < lowest ? low[l] : lowest;
+    }
+    nonfinite |= poison_total != poison_total;
+    negative |= lowest < F(0);
+  }
+  constexpr int64_t tile = 16;
+  for (int64_t b0 = 0; b0 < g.B; b0 += tile)
+    for (int64_t i0 = 0; i0 < g.HW; i0 += tile)
+      for (int64_t i = i0; i < std::min(i0 + tile, g.HW); ++i)
+        for (int64_t b = b0; b < std::min(b0 + tile, g.B); ++b) maps[i * g.B + b] = staging[b * g.HW + i];
+  for (int64_t i = 0; i < g.HW; ++i) {
+    F* __restrict column = maps + i * g.B;
+    F total = F(0);
+    #pragma omp simd reduction(+ : total)
+    for (int64_t b = 0; b < g.B; ++b) total += column[b];
+    const F mean = total / static_cast<F>(g.B);
+    for (int64_t b = 0; b < g.B; ++b) column[b] -= mean;
+  }
+}
+
+// Logits s[t][b] = Σ_i x_b(i)·T_t(i) = τ·(−S_b + (β/n)·pyramid[t−1][b]) (0 for t = 0 … τ·(−S_b)), into s.
+template <typename F>
+void template_logits(const LossGeometry& g, Workspace<F>& ws, F* s) {
+  F* __restrict totals = ws.row.data();
+  std::fill(totals, totals + g.B, F(0));
+  for (int64_t i = 0; i < g.HW; ++i) {
+    const F* __restrict column = ws.maps.data() + i * g.B;
+    for (int64_t b = 0; b < g.B; ++b) totals[b] += column[b];
+  }
+  ws.correlate(ws.maps.data(), ws.pyramid.data(), g.B);
+  const F tau = static_cast<F>(g.tau), tau_kappa = static_cast<F>(g.tau * g.kappa);
+  for (int64_t b = 0; b < g.B; ++b) s[b] = -tau * totals[b];
+  for (int64_t k = 0; k < g.HW; ++k) {
+    const F* __restrict p = ws.pyramid.data() + k * g.B;
+    F* __restrict out = s + (k + 1) * g.B;
+    for (int64_t b = 0; b < g.B; ++b) out[b] = tau_kappa * p[b] - tau * totals[b];
+  }
+}
+
+template <typename F>
+F entropy_term_scalar(F u) {
+  return entropy_term(u, static_cast<F>(std::expm1(u)));
+}
+
+// One filter's −MI; leaves u = log(B·q) and w = expm1(u) in the workspace, the two parts of lme_t
+// (centre_t = mean_b s + shift, log1p(mean_b expm1(s − centre_t))) in lme [2, T] and v [B] in the outputs.
+template <typename F>
+F filter_forward(const LossGeometry& g, Workspace<F>& ws, F* lme, F* v) {
+  const int64_t B = g.B;
+  const F inv_B = F(1) / static_cast<F>(B);
+  template_logits(g, ws, ws.u.data());
+  double conditional = 0.0;
+  for (int64_t t = 0; t < g.T; ++t) {
+    F* __restrict u = ws.u.data() + t * B;  // holds s on entry
+    F* __restrict w = ws.w.data() + t * B;
+    F total = F(0);
+    #pragma omp simd reduction(+ : total)
+    for (int64_t b = 0; b < B; ++b) total += u[b];
+    const F mean = total * inv_B;
+    F spread = -INFINITY;
+    #pragma omp simd reduction(max : spread)
+    for (int64_t b = 0; b < B; ++b) spread = std::max(spread, u[b] - mean);
+    const F shift = std::max(spread - static_cast<F>(kSafeSpread), F(0));
+    const F centre = mean + shift;
+    F sum_expm1 = F(0);
+    #pragma omp simd reduction(+ : sum_expm1)
+    for (int64_t b = 0; b < B; ++b) {
+      u[b] -= centre;  // a = s − mean − shift
+      w[b] = expm1_vec(u[b]);
+      sum_expm1 += w[b];
+    }
+    const F mean_expm1 = sum_expm1 * inv_B;
+    const F log_mean = std::log1p(mean_expm1);
+    const F inv_norm = F(1) / (F(1) + mean_expm1);
+    lme[t] = centre;  // lme_t = centre + log_mean, kept in two parts so the backward pass rebuilds u bit for bit
+    lme[g.T + t] = log_mean;
+    F entropy = F(0);
+    #pragma omp simd reduction(+ : entropy)
+    for (int64_t b = 0; b < B; ++b) {
+      u[b] -= log_mean;                            // u = s − lme
+      w[b] = (w[b] - mean_expm1) * inv_norm;       // expm1(u) = (e^a − 1 − M) / (1 + M)
+      entropy += entropy_term(u[b], w[b]);
+    }
+    const double prior = t == 0 ? g.prior_negative : g.prior_positive;
+    conditional += prior * static_cast<double>(entropy * inv_B);
+  }
+  // v[b] = log Σ_t p_t e^u = log1p(Σ_t p_t w), shifted by max_t u when that is below −1 (reference.log_mixture).
+  F* __restrict mixture = ws.row.data();
+  std::vector<F> max_u(B, -INFINITY);
+  for (int64_t b = 0; b < B; ++b) mixture[b] = F(0);
+  for (int64_t t = 0; t < g.T; ++t) {
+    const F prior = static_cast<F>(t == 0 ? g.prior_negative : g.prior_positive);
+    const F* __restrict u = ws.u.data() + t * B;
+    const F* __restrict w = ws.w.data() + t * B;
+    for (int64_t b = 0; b < B; ++b) {
+      mixture[b] += prior * w[b];
+      max_u[b] = std::max(max_u[b], u[b]);
+    }
+  }
+  double marginal = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (max_u[b] < F(-1)) {
+      F shifted = F(0);
+      for (int64_t t = 0; t < g.T; ++t)
+        shifted += static_cast<F>(t == 0 ? g.prior_negative : g.prior_positive) *
+                   static_cast<F>(std::expm1(ws.u[t * B + b] - max_u[b]));
+      v[b] = max_u[b] + static_cast<F>(std::log1p(shifted));
+    } else {
+      v[b] = static_cast<F>(std::log1p(mixture[b]));
+    }
+    marginal += static_cast<double>(entropy_term_scalar(v[b]));
+  }
+  return static_cast<F>(-(conditional - marginal / static_cast<double>(B)));
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double beta) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const LossGeometry g(x, beta);
+  const auto options = x.options().dtype(c10::CppTypeToScalarType<F>::value);
+  at::Tensor loss = at::empty({g.C}, options);
+  at::Tensor lme = at::empty({g.C, 2, g.T}, options);
+  at::Tensor v = at::empty({g.C, g.B}, options);
+  const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  F* loss_data = loss.data_ptr<F>();
+  F* lme_data = lme.data_ptr<F>();
+  F* v_data = v.data_ptr<F>();
+  std::atomic<bool> any_nonfinite{false}, any_negative{false};
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    Workspace<F> ws(g, plan);
+    for (int64_t c = begin; c < end; ++c) {
+      bool nonfinite = false, negative = false;
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.maps.data(), nonfinite, negative);
+      if (nonfinite || negative) {
+        if (nonfinite) any_nonfinite = true;
+        if (negative) any_negative = true;
+        continue;
+      }
+      loss_data[c] = filter_forward(g, ws, lme_data + c * 2 * g.T, v_data + c * g.B);
+    }
+  });
+  TORCH_CHECK_VALUE(!any_nonfinite.load(), kNonfinite);
+  TORCH_CHECK_VALUE(!any_negative.load(), kNegative);
+  return {loss, lme, v};
+}
+
+// dloss/dx for one filter: g = p_t (u − v), dMI/ds = q (g − Σ_b q g), dloss/ds = −grad·dMI/ds,
+// dx_b(i) = Σ_t dloss/ds[b,t]·T_t(i), then the centring's Jacobian (subtract the batch mean).
+template <typename scalar_t, typename F>
+void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
+                     const F* lme, const F* v, scalar_t* dx, int64_t c) {
+  const int64_t B = g.B;
+  const F inv_B = F(1) / static_cast<F>(B);
+  F* s_all = ws.u.data();
+  template_logits(g, ws, s_all);
+  F* __restrict template_totals = ws.row.data();  // Σ_t dloss/ds[b,t]
+  std::fill(template_totals, template_totals + B, F(0));
+  for (int64_t t = 0; t < g.T; ++t) {
+    const F prior = static_cast<F>(t == 0 ? g.prior_negative : g.prior_positive);
+    F* __restrict ds = s_all + t * B;  // s on entry, dloss/ds on exit
+    F* __restrict weighted = ws.w.data() + t * B;
+    F* __restrict qB = ws.pyramid.data();  // scratch row (pyramid buffer is free until the correlation below)
+    F u_max = -INFINITY;
+    #pragma omp simd reduction(max : u_max)
+    for (int64_t b = 0; b < B; ++b) {
+      const F u = (ds[b] - lme[t]) - lme[g.T + t];
+      qB[b] = F(1) + expm1_vec(u);
+      weighted[b] = prior * (u - v[b]);  // g
+      u_max = std::max(u_max, u);
+    }
+    // g − Σ_b q g is computed as (g − g_ref) − Σ_b q (g − g_ref), with ref the image of largest q: exact
+    // where one image owns the template (q ≈ 1), where the plain form would cancel O(1) terms to ~0.
+    int64_t ref = 0;
+    while (ref + 1 < B && (ds[ref] - lme[t]) - lme[g.T + t] != u_max) ++ref;
+    const F g_ref = weighted[ref];
+    F qg_total = F(0);
+    #pragma omp simd reduction(+ : qg_total)
+    for (int64_t b = 0; b < B; ++b) {
+      weighted[b] -= g_ref;
+      qg_total += qB[b] * weighted[b];
+    }
+    const F centre = qg_total * inv_B;
+    const F scale = -grad * inv_B;
+    for (int64_t b = 0; b < B; ++b) {
+      ds[b] = scale * qB[b] * (weighted[b] - centre);
+      template_totals[b] += ds[b];
+    }
+  }
+  ws.correlate(s_all + B, ws.pyramid.data(), B);
+  const F tau = static_cast<F>(g.tau), tau_kappa = static_cast<F>(g.tau * g.kappa);
+  F* staging = ws.maps.data();  // free now: dx is transposed back to image-major through it
+  for (int64_t i = 0; i < g.HW; ++i) {
+    F* __restrict column = ws.pyramid.data() + i * B;
+    F total = F(0);
+#pragma omp simd reduction(+ : total)
+    for (int64_t b = 0; b < B; ++b) {
+      column[b] = tau_kappa * column[b] - tau * template_totals[b];
+      total += column[b];
+    }
+    const F mean = total * inv_B;
+    for (int64_t b = 0; b < B; ++b) column[b] -= mean;
+  }
+  constexpr int64_t tile = 16;
+  for (int64_t b0 = 0; b0 < B; b0 += tile)
+    for (int64_t i0 = 0; i0 < g.HW; i0 += tile)
+      for (int64_t b = b0; b < std::min(b0 + tile, B); ++b)
+        for (int64_t i = i0; i < std::min(i0 + tile, g.HW); ++i) staging[b * g.HW + i] = ws.pyramid[i * B + b];
+  for (int64_t b = 0; b < B; ++b) {
+    scalar_t* __restrict out = dx + (b * g.C + c) * g.HW;
+    const F* __restrict row = staging + b * g.HW;
+    for (int64_t i = 0; i < g.HW; ++i) out[i] = static_cast<scalar_t>(row[i]);
+  }
+}
+
+template <typename scalar_t>
+at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lme,
+                          const at::Tensor& v, double beta) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const LossGeometry g(x, beta);
+  const auto compute = c10::CppTypeToScalarType<F>::value;
+  const at::Tensor grad_c = grad.to(compute).contiguous();
+  const at::Tensor lme_c = lme.to(compute).contiguous();
+  const at::Tensor v_c = v.to(compute).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* dx_data = dx.data_ptr<scalar_t>();
+  const F* grad_data = grad_c.const_data_ptr<F>();
+  const F* lme_data = lme_c.const_data_ptr<F>();
+  const F* v_data = v_c.const_data_ptr<F>();
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    Workspace<F> ws(g, plan);
+    for (int64_t c = begin; c < end; ++c) {
+      bool nonfinite = false, negative = false;  // checked by the forward pass
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.maps.data(), nonfinite, negative);
+      filter_backward(g, ws, grad_data[c], lme_data + c * 2 * g.T, v_data + c * g.B, dx_data, c);
+    }
+  });
+  return dx;
+}
+
+void check_loss_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected a 4-D tensor [B, C, H, W], got ", x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(x.numel() > 0, op, ": got an empty tensor; B, C, H and W must all be ≥ 1");
+  TORCH_CHECK_TYPE(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_loss_forward(const at::Tensor& x, double beta) {
+  check_loss_input(x, "filter_loss");
+  TORCH_CHECK_VALUE(beta > 0 && std::isfinite(beta), "filter_loss: beta must be a finite positive number, got ", beta);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "filter_loss_forward",
+                                         [&] { return forward_typed<scalar_t>(x, beta); });
+}
+
+at::Tensor filter_loss_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lme,
+                                const at::Tensor& v, double beta) {
+  check_loss_input(x, "filter_loss");
+  const int64_t C = x.size(1), B = x.size(0), T = x.size(2) * x.size(3) + 1;
+  TORCH_CHECK_VALUE(grad.numel() == C && lme.numel() == 2 * C * T && v.numel() == C * B,
+                    "filter_loss_backward: grad/lme/v do not match x; pass the outputs of filter_loss_forward(x)");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "filter_loss_backward",
+                                         [&] { return backward_typed<scalar_t>(grad, x, lme, v, beta); });
+}
+
+}  // namespace
+}  // namespace fastexplain
+
+TORCH_LIBRARY_IMPL(fastexplain, CPU, m) {
+  m.impl("filter_loss_forward", &fastexplain::filter_loss_forward);
+  m.impl("filter_loss_backward", &fastexplain::filter_loss_backward);
+}

@@ -1,0 +1,13 @@
+// The fastexplain operator schemas (SPEC §2–3). Kernels register in filter_loss.cpp and template_mask.cpp;
+// autograd and fake (meta) implementations are registered from Python (fastexplain/ops/cpu.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastexplain, m) {
+  // −MI per filter [C] plus the statistics the backward pass reuses: lme [C, 2, HW+1] (the log-mean-exp of the
+  // logits over the batch per template, as centre + log1p part) and v [C, B] (log(B·P) per image).
+  m.def("filter_loss_forward(Tensor x, float beta) -> (Tensor, Tensor, Tensor)");
+  m.def("filter_loss_backward(Tensor grad, Tensor x, Tensor lme, Tensor v, float beta) -> Tensor");
+  // y = relu?(x)·m (·τ), clamped at 0, and the peak index per (image, filter) [B, C] (int64).
+  m.def("template_mask_forward(Tensor x, float beta, str center, bool tau_scale, bool relu) -> (Tensor, Tensor)");
+  m.def("template_mask_backward(Tensor grad_y, Tensor x, Tensor peaks, float beta, bool tau_scale, bool relu) -> Tensor");
+}
