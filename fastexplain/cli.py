@@ -56,7 +56,9 @@ def _fit(args: argparse.Namespace) -> int:
                          autocast=args.autocast, device=args.device)
     history = fit(performer, dataset, args.out, config, resume=args.resume, progress=not args.quiet,
                   extra={"data": args.data})
-    if history:
+    from fastexplain.parallel import is_main_process
+
+    if history and is_main_process():  # under torchrun: rank 0 reports
         last = history[-1]
         print(f"trained {last['epoch']} epochs: reconstruction {last['reconstruction']:.4f}, "
               f"filter {last['filter']:.4f}, p {last['p']:.3f}; checkpoint {args.out}/checkpoint.pt")

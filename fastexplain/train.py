@@ -13,18 +13,29 @@ checkpoint holds the explainer and optimiser states, the epoch count, the histor
 Defaults (see docs/explainer.md): Adam, lr 1e-3, the gate's lr ×10 (``gate_lr_scale``: under Adam a
 scalar moves at most ~lr per step, so p would need thousands of steps to move from 0.5), constant
 schedule, gradient-norm clipping at 5, batch 32, 20 epochs, float32 (``autocast="bf16"`` optional).
+
+Several processes (``torchrun --nproc_per_node R``, see docs/distributed.md and
+:mod:`fastexplain.parallel`): ``batch_size`` is the *global* batch; each global batch of the same
+permutation is cut into R contiguous slices, the explainer is wrapped in DistributedDataParallel and its
+batch statistics (filter loss, scales, loss ratios) are taken over the global batch, so R processes follow
+the single-process run (same weights up to float rounding). Rank 0 alone logs, shows progress and writes
+checkpoints (then all ranks meet at a barrier); a resumed checkpoint is read by rank 0 and broadcast.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from . import parallel
 from .checkpoint import explainer_from_state, load_checkpoint, save_checkpoint
 from .nn.explainer import Explainer, ExplainerConfig
 from .performer import Performer
@@ -132,9 +143,13 @@ def _check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
                          f"use the same settings or a new output directory")
 
 
-def train_step(performer: Performer, explainer: Explainer, optimizer: torch.optim.Optimizer, images: Tensor,
-               config: TrainConfig) -> dict[str, float]:
-    """One optimisation step on a batch of images; returns the loss terms and the mean p."""
+def train_step(performer: Performer, explainer: Explainer | DistributedDataParallel,
+               optimizer: torch.optim.Optimizer, images: Tensor, config: TrainConfig) -> dict[str, float]:
+    """One optimisation step on a batch of images; returns the loss terms and the mean p.
+
+    ``explainer`` may be a DDP-wrapped explainer whose process group is set: the terms are then those of
+    the global batch (the same on every rank).
+    """
     device_type = images.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast == "bf16"):
         features = performer.features(images)
@@ -146,7 +161,12 @@ def train_step(performer: Performer, explainer: Explainer, optimizer: torch.opti
     if config.grad_clip is not None:
         nn.utils.clip_grad_norm_(explainer.parameters(), config.grad_clip)
     optimizer.step()
-    return {**losses.as_floats(), "p": float(output.p.detach().float().mean())}
+    group = getattr(explainer, "module", explainer).process_group
+    p = output.p.detach().float()
+    if group is not None and p.dim() > 0:  # the per-image gate: mean over the global batch
+        p_sum, count = parallel.sum_over_ranks(torch.stack([p.sum(), p.new_tensor(p.numel())]), group).tolist()
+        return {**losses.as_floats(), "p": p_sum / count}
+    return {**losses.as_floats(), "p": float(p.mean())}
 
 
 def fit(performer: Performer, dataset: Dataset | DataLoader, out_dir: str | Path,
@@ -160,23 +180,54 @@ def fit(performer: Performer, dataset: Dataset | DataLoader, out_dir: str | Path
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` when it exists (to ``config.epochs`` epochs
     in total) and starts afresh otherwise; without it an existing checkpoint is an error.
     ``extra`` (e.g. the dataset spec) is stored in the checkpoint for ``explain``.
-    """
-    from tqdm.auto import tqdm
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) or with ``torch.distributed`` already initialised, every process
+    calls ``fit`` with the same arguments and trains its slice of each global batch (module docstring);
+    a collective that fails because another rank died or stalled raises a one-line RuntimeError.
+    """
     config = config or TrainConfig()
     dataset = dataset.dataset if isinstance(dataset, DataLoader) else dataset
     if len(dataset) == 0:
         raise ValueError("fit: the dataset is empty")
-    out_dir = Path(out_dir)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
+    context, device = parallel.setup(config.device)
+    try:
+        return _fit(performer, dataset, Path(out_dir), config, explainer_config, context, device, resume=resume,
+                    progress=progress, extra=extra)
+    except RuntimeError as error:
+        if context.group is not None and _is_collective_failure(error):
+            raise parallel.collective_failure(context, error) from error
+        raise
+    finally:
+        parallel.teardown(context)
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    """A failed or timed-out collective (a dead or stalled peer), as opposed to an error of this rank."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe"))
+
+
+def _read_checkpoint_if_resuming(checkpoint_path: Path, resume: bool) -> dict[str, Any] | None:
     if checkpoint_path.exists() and not resume:
         raise FileExistsError(f"{str(checkpoint_path)!r} already exists; resume it (--resume / resume=True) "
                               f"or choose another output directory")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    performer = performer.to(device)
-    image_size = tuple(image_of(dataset[0]).shape[-2:])
+    return load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
 
-    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+
+def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainConfig,
+         explainer_config: ExplainerConfig | dict[str, Any] | None, context: parallel.ParallelContext,
+         device: torch.device, *, resume: bool, progress: bool, extra: dict[str, Any] | None) -> list[dict[str, float]]:
+    from tqdm.auto import tqdm
+
+    parallel.check_global_batch(len(dataset), config.batch_size, context.world_size)  # same verdict on all ranks
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    # rank 0 alone reads the output directory (it need not be shared); its answer or error reaches all ranks
+    state = parallel.run_on_rank0(context, lambda: _read_checkpoint_if_resuming(checkpoint_path, resume))
+    performer = performer.to(device)
+    parallel.broadcast_module(performer, context)  # e.g. a randomly initialised performer: rank 0's on all
+    image_size = tuple(image_of(dataset[0]).shape[-2:])
     torch.manual_seed(config.seed)
     if state is not None:
         _check_resumable(state["train_config"], config)
@@ -196,35 +247,50 @@ def fit(performer: Performer, dataset: Dataset | DataLoader, out_dir: str | Path
         history, start_epoch = [], 0
 
     explainer.train()
+    model: Explainer | DistributedDataParallel = explainer
+    if context.group is not None:
+        explainer.set_process_group(context.group, ddp_gradients=True)
+        model = DistributedDataParallel(explainer, device_ids=[device] if device.type == "cuda" else None,
+                                        process_group=context.group, **parallel.ddp_options())
+        leftover = len(dataset) % config.batch_size
+        if 0 < leftover < context.world_size and context.is_main:
+            warnings.warn(f"fit: the last global batch of each epoch ({leftover} images) is dropped: it has fewer "
+                          f"images than the {context.world_size} ranks", stacklevel=3)
+    show = progress and context.is_main
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * group["lr_scale"] * config.lr_factor(epoch)
         order = epoch_order(len(dataset), config.seed, epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order,
-                            num_workers=config.num_workers, collate_fn=collate_images)
+        rank_slices, global_sizes = parallel.rank_batches(order, config.batch_size, context.rank, context.world_size)
+        loader = DataLoader(dataset, batch_sampler=rank_slices, num_workers=config.num_workers,
+                            collate_fn=collate_images)
         totals: dict[str, float] = {}
         images_seen, started = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for images in bar:
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
+        for images, global_size in zip(bar, global_sizes):
             images = images.to(device, non_blocking=True)
-            terms = train_step(performer, explainer, optimizer, images, config)
+            terms = train_step(performer, model, optimizer, images, config)
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value * images.shape[0]
-            images_seen += images.shape[0]
+                totals[name] = totals.get(name, 0.0) + value * global_size
+            images_seen += global_size
             bar.set_postfix(loss=f"{terms['total']:.4f}", rec=f"{terms['reconstruction']:.4f}",
                             kl=f"{terms['kl']:.4f}", filt=f"{terms['filter']:.4f}", p=f"{terms['p']:.3f}")
         entry = {name: value / images_seen for name, value in totals.items()}
         entry.update(epoch=epoch + 1, lr=config.lr * config.lr_factor(epoch), seconds=time.perf_counter() - started)
         history.append(entry)
-        if progress:
+        if show:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['total']:.4f}  reconstruction "
                        f"{entry['reconstruction']:.4f}  kl {entry['kl']:.4f}  filter {entry['filter']:.4f}  "
                        f"p {entry['p']:.3f}")
-        save_checkpoint(checkpoint_path, {
-            "explainer_config": explainer.config.to_dict(), "train_config": asdict(config),
-            "performer": None if performer.spec is None else asdict(performer.spec),
-            "image_size": list(image_size), "extra": dict(extra or {}),
-            "explainer": explainer.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1, "history": history, "rng": {"torch": torch.get_rng_state()},
-        })
+        if context.is_main:
+            save_checkpoint(checkpoint_path, {
+                "explainer_config": explainer.config.to_dict(), "train_config": asdict(config),
+                "performer": None if performer.spec is None else asdict(performer.spec),
+                "image_size": list(image_size), "extra": dict(extra or {}),
+                "explainer": explainer.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "history": history, "rng": {"torch": torch.get_rng_state()},
+            })
+        if context.group is not None:
+            dist.barrier(group=context.group)  # no rank runs ahead of (or exits before) the checkpoint
+    explainer.set_process_group(None)
     return history

@@ -23,6 +23,10 @@ Design choices (the paper does not give them; see docs/explainer.md for the reas
   bilinear when larger) → conv3×3 M→C_target; no final ReLU (targets need not be post-ReLU).
 * **objective**: L = ‖x̂ − x*‖²/‖x*‖² (batch sums, normalised features) + γ·KL(performer ‖ head(x̂))
   (batch mean, only when a head and the performer's logits are given) + λ·filter term − η·mean log p.
+* **several processes** (``set_process_group``, used by ``fit`` under torchrun): every batch statistic is
+  taken over the global batch of all ranks — the RMS scale update, the filter loss and its "peak" scale,
+  the reconstruction ratio of sums, the KL batch mean and the mean log p — so R ranks holding slices of a
+  global batch compute the single-process loss on it, and (with DDP's averaging) its gradient.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..parallel import differentiable_sum, sum_over_ranks
 from ..templates import DEFAULT_BETA, template_entropy
 from .interpretable import InterpretableConv2d, InterpretableOutput
 
@@ -142,6 +147,16 @@ class Explainer(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("target_scale", torch.ones(()))
         self.register_buffer("scale_count", torch.zeros((), dtype=torch.long))
+        self.process_group: Any = None
+
+    def set_process_group(self, process_group: Any, ddp_gradients: bool = True) -> "Explainer":
+        """Compute every batch statistic over the global batch of ``process_group``'s ranks (None: this
+        process only). ``ddp_gradients=True`` gives each rank R × its share of the gradient, which
+        DistributedDataParallel's averaging turns into the exact gradient of the global loss."""
+        self.process_group = process_group
+        for layer in (self.interpretable1, self.interpretable2):
+            layer.process_group, layer.ddp_gradients = process_group, ddp_gradients
+        return self
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The parameters of p (the trainer may give them a larger learning rate)."""
@@ -150,10 +165,15 @@ class Explainer(nn.Module):
     @torch.no_grad()
     def _update_scales(self, x_star: Tensor, target: Tensor) -> None:
         """Cumulative mean over training batches of the per-image RMS (the SPEC's fixed norm scale)."""
-        B = x_star.shape[0]
+        rms = [feature.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() for feature in (x_star, target)]
+        if self.process_group is None:
+            B, batch_means = x_star.shape[0], [values.mean() for values in rms]
+        else:  # the mean per-image RMS over the global batch: one all-reduce of 3 numbers
+            sums = sum_over_ranks(torch.stack([rms[0].sum(), rms[1].sum(), rms[0].new_tensor(x_star.shape[0])]),
+                                  self.process_group)
+            B, batch_means = int(sums[2]), [sums[0] / sums[2], sums[1] / sums[2]]
         count = int(self.scale_count)
-        for buffer, feature in ((self.input_scale, x_star), (self.target_scale, target)):
-            batch_rms = feature.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt().mean()
+        for buffer, batch_rms in zip((self.input_scale, self.target_scale), batch_means):
             mean = batch_rms if count == 0 else buffer + (batch_rms - buffer) * (B / (count + B))
             buffer.copy_(mean.clamp_min(1e-12))
         self.scale_count += B
@@ -222,15 +242,25 @@ class Explainer(nn.Module):
                              f"output {tuple(reconstruction.shape)}; set target_channels/target_size in the config")
         target_normalised = target.float() / self.target_scale
         error = (reconstruction_normalised.float() - target_normalised).pow(2).sum()
-        reconstruction_loss = error / target_normalised.pow(2).sum().clamp_min(1e-12)
-        kl = reconstruction_loss.new_zeros(())
-        if head is not None and performer_logits is not None and config.kl_weight > 0:
+        energy = target_normalised.pow(2).sum()
+        kl_sum = error.new_zeros(())
+        has_kl = head is not None and performer_logits is not None and config.kl_weight > 0
+        if has_kl:
             logits_hat = head(reconstruction)
-            kl = F.kl_div(torch.log_softmax(logits_hat.float(), dim=1),
-                          torch.log_softmax(performer_logits.float(), dim=1),
-                          log_target=True, reduction="batchmean")
+            kl_sum = F.kl_div(torch.log_softmax(logits_hat.float(), dim=1),
+                              torch.log_softmax(performer_logits.float(), dim=1), log_target=True, reduction="sum")
+        log_p = torch.log(p.float())
+        per_image_p = log_p.dim() > 0  # the image gate: −log p is a batch mean too
+        # the batch sums, over the global batch of all ranks with a process group (one differentiable
+        # all-reduce; its backward gives each rank R × its gradient share, as DDP's averaging expects)
+        neg_log_p_sum = -log_p.sum() if per_image_p else log_p.new_zeros(())
+        images = error.new_tensor(float(target.shape[0]))
+        sums = differentiable_sum(torch.stack([error, energy, kl_sum, neg_log_p_sum, images]), self.process_group)
+        error, energy, kl_sum, neg_log_p_sum, images = sums.unbind()
+        reconstruction_loss = error / energy.clamp_min(1e-12)
+        kl = kl_sum / images if has_kl else kl_sum.new_zeros(())
+        neg_log_p = neg_log_p_sum / images if per_image_p else -log_p
         filter_term = torch.cat([f.float() for f in filter_losses]).mean() / template_entropy(hw, 1)
-        neg_log_p = -torch.log(p.float()).mean()
         total = (reconstruction_loss + config.kl_weight * kl + config.filter_weight * filter_term
                  + config.p_weight * neg_log_p)
         return ExplainerLosses(total=total, reconstruction=reconstruction_loss, kl=kl,

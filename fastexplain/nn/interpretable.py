@@ -15,12 +15,13 @@ gradient still flows into the conv weights (the scale is a constant for autograd
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import filter_loss, relu_template_mask
+from ..parallel import sum_over_ranks
 from ..templates import DEFAULT_BETA, template_tau
 
 LOSS_SCALES = ("peak", "none")
@@ -34,14 +35,20 @@ class InterpretableOutput(NamedTuple):
     filter_loss: Tensor  #: −MI per filter, [C] float32 (zeros when the loss is disabled); 0 at B = 1
 
 
-def normalise_for_filter_loss(relu_map: Tensor, contrast: float) -> Tensor:
+def normalise_for_filter_loss(relu_map: Tensor, contrast: float, process_group: Any = None) -> Tensor:
     """relu_map · contrast / (τ · a_f), a_f = mean_b max_i x_b,f(i) detached: the "peak" loss scaling.
 
     A filter that is zero on the whole batch keeps a zero map (its loss is 0 whatever the scale).
+    With a ``process_group`` the mean is over the global batch of all ranks (one all-reduce of C + 1 numbers).
     """
     B, C, H, W = relu_map.shape
     with torch.no_grad():
-        peak = relu_map.detach().float().amax(dim=(2, 3)).mean(dim=0)  # [C]
+        peaks = relu_map.detach().float().amax(dim=(2, 3))  # [B, C]
+        if process_group is None:
+            peak = peaks.mean(dim=0)  # [C]
+        else:
+            sums = sum_over_ranks(torch.cat([peaks.sum(dim=0), peaks.new_tensor([B])]), process_group)
+            peak = sums[:-1] / sums[-1]
         factor = torch.where(peak > 0, contrast / (template_tau(H, W) * peak.clamp_min(1e-30)),
                              torch.zeros_like(peak))
     return relu_map * factor.to(relu_map.dtype)[None, :, None, None]
@@ -60,6 +67,11 @@ class InterpretableConv2d(nn.Module):
         contrast: the matched-template logit, in nats, of a typical image under ``loss_scale="peak"``.
         compute_loss: False skips the filter loss (e.g. at inference); ``filter_loss`` is then zeros.
         backend: kernel backend for the ops (None: automatic).
+        process_group: a torch.distributed group (None: single process). With one, the filter loss and the
+            "peak" scale are computed over the global batch of all ranks (``fastexplain.filter_loss(...,
+            process_group=...)``): every rank must call forward and backward in step (docs/distributed.md).
+        ddp_gradients: with a group, scale the filter loss's gradient by the group size so that
+            DistributedDataParallel's gradient averaging is exact (set by ``fit``).
 
     ``forward(x)`` returns an :class:`InterpretableOutput`; use ``.output`` as the layer's output.
     """
@@ -67,7 +79,8 @@ class InterpretableConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                  padding: int | str | None = None, bias: bool = True, beta: float = DEFAULT_BETA,
                  center: str = "argmax", mask_scale: str | None = None, loss_scale: str = "peak",
-                 contrast: float = 1.0, compute_loss: bool = True, backend: str | None = None) -> None:
+                 contrast: float = 1.0, compute_loss: bool = True, backend: str | None = None,
+                 process_group: Any = None, ddp_gradients: bool = False) -> None:
         super().__init__()
         if loss_scale not in LOSS_SCALES:
             raise ValueError(f"InterpretableConv2d: loss_scale must be one of {LOSS_SCALES}, got {loss_scale!r}")
@@ -82,14 +95,19 @@ class InterpretableConv2d(nn.Module):
         self.contrast = float(contrast)
         self.compute_loss = compute_loss
         self.backend = backend
+        self.process_group = process_group
+        self.ddp_gradients = ddp_gradients
 
     def forward(self, x: Tensor, *, compute_loss: bool | None = None) -> InterpretableOutput:
         """conv → ReLU → filter loss → mask; ``compute_loss`` overrides the module's setting for this call."""
         conv_out = self.conv(x)
         relu_map = torch.relu(conv_out)
         if self.compute_loss if compute_loss is None else compute_loss:
-            loss_input = relu_map if self.loss_scale == "none" else normalise_for_filter_loss(relu_map, self.contrast)
-            per_filter = filter_loss(loss_input, beta=self.beta, reduction="none", backend=self.backend)
+            loss_input = (relu_map if self.loss_scale == "none"
+                          else normalise_for_filter_loss(relu_map, self.contrast, self.process_group))
+            per_filter = filter_loss(loss_input, beta=self.beta, reduction="none", backend=self.backend,
+                                     process_group=self.process_group,
+                                     ddp_gradients=self.ddp_gradients and self.process_group is not None)
         else:
             dtype = torch.float64 if conv_out.dtype == torch.float64 else torch.float32
             per_filter = torch.zeros(conv_out.shape[1], dtype=dtype, device=conv_out.device)
