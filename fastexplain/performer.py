@@ -58,6 +58,7 @@ class PerformerSpec:
     weights: str | None
     num_classes: int
     head: str | None
+    init_seed: int = 0  # seeds the random initialisation when there are no weights, so rebuilds match
 
 
 def _closest_names(name: str, valid: list[str]) -> str:
@@ -145,20 +146,23 @@ class Performer(nn.Module):
     @classmethod
     def from_torchvision(cls, name: str, layer: str, target_layer: str | None = None, *,
                          weights: str | Path | None = None, num_classes: int = 1000,
-                         head: str | None = "auto") -> "Performer":
-        """A torchvision classification model by name (random init; ``weights``: a local state_dict file)."""
+                         head: str | None = "auto", init_seed: int = 0) -> "Performer":
+        """A torchvision classification model by name: random init seeded by ``init_seed`` (so that a
+        checkpoint rebuilds the same performer), or ``weights``, a local state_dict file."""
         import torchvision
 
         available = sorted(torchvision.models.list_models(module=torchvision.models))
         if name not in available:
             raise ValueError(f"unknown torchvision classification model {name!r}; closest: "
                              f"{_closest_names(name, available)}")
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         if weights is not None:
             model.load_state_dict(load_state_dict_file(weights))
         spec = PerformerSpec(model=name, layer=layer, target_layer=target_layer or layer,
                              weights=None if weights is None else str(Path(weights).resolve()),
-                             num_classes=num_classes, head=head)
+                             num_classes=num_classes, head=head, init_seed=init_seed)
         return cls(model, layer, target_layer, head=head, mean=IMAGENET_MEAN, std=IMAGENET_STD, spec=spec)
 
     @classmethod
@@ -166,7 +170,7 @@ class Performer(nn.Module):
         """Rebuild a performer recorded with :meth:`from_torchvision` (e.g. from a checkpoint)."""
         spec = spec if isinstance(spec, PerformerSpec) else PerformerSpec(**spec)
         return cls.from_torchvision(spec.model, spec.layer, spec.target_layer, weights=spec.weights,
-                                    num_classes=spec.num_classes, head=spec.head)
+                                    num_classes=spec.num_classes, head=spec.head, init_seed=spec.init_seed)
 
     def train(self, mode: bool = True) -> "Performer":
         """The performer stays in eval mode whatever ``mode`` is (it is frozen)."""

@@ -112,3 +112,12 @@ def test_a_non_map_layer_is_a_clear_error() -> None:
     performer = Performer(_tiny_net(), "7")
     with pytest.raises(ValueError, match="not a \\[B, C, H, W\\] feature map"):
         performer.features(torch.rand(1, 3, 8, 8))
+
+
+def test_random_init_is_seeded_so_a_checkpoint_rebuilds_the_same_performer():
+    from fastexplain.performer import Performer as P
+    first = P.from_torchvision("alexnet", "features.10", num_classes=3)
+    again = P.from_spec(first.spec)
+    other = P.from_torchvision("alexnet", "features.10", num_classes=3, init_seed=1)
+    w = lambda p: p.model.features[0].weight
+    assert torch.equal(w(first), w(again)) and not torch.equal(w(first), w(other))
