@@ -171,4 +171,7 @@ def test_property_bounds_and_float32_accuracy(B, C, H, W, log_scale, seed):
     rounded = x.float()  # judge float32 arithmetic, not the rounding of the input itself
     exact_rounded = fastexplain.filter_loss(rounded.double(), reduction="none", **REF)
     single = fastexplain.filter_loss(rounded, reduction="none", **REF).double()
-    assert torch.all((single - exact_rounded).abs() <= 1e-4 * exact_rounded.abs() + 1e-12)
+    # When one image owns every template (large activations, tiny maps) MI is a difference of O(log B)
+    # terms that cancel far below float32 resolution: there only an absolute error of a few ulps is possible.
+    floor = 4 * torch.finfo(torch.float32).eps * max(1.0, math.log(B))
+    assert torch.all((single - exact_rounded).abs() <= 1e-4 * exact_rounded.abs() + floor)
