@@ -55,26 +55,36 @@ struct LossGeometry {
 template <typename F>
 struct Workspace {
   std::vector<F> maps, pyramid, u, w, row;
+  std::vector<const F*> image_rows;
   PyramidCorrelator<F> correlate;
   Workspace(const LossGeometry& g, const PyramidPlan& plan)
-      : maps(g.HW * g.B), pyramid(g.HW * g.B), u(g.T * g.B), w(g.T * g.B), row(g.B), correlate(plan, g.B) {}
+      : maps(g.HW * g.B), pyramid(g.HW * g.B), u(g.T * g.B), w(g.T * g.B), row(g.B), image_rows(g.B),
+        correlate(plan, g.B) {}
 };
 
-// maps[i][b] = x[b, c, i] − mean_b x[b, c, i] in the compute type; flags NaN/Inf and negative values.
-// Each image's map is first copied contiguously (checked with vectorised reductions), then transposed in tiles.
+// maps[i][b] = x[b, c, i] − mean_b x[b, c, i] in the compute type; with check, flags NaN/Inf and negative values.
+// Each image's map is read in place when it is dense and already in the compute type, otherwise copied contiguously
+// into staging; then it is transposed in 16×16 tiles and centred, a block of 16 positions at a time.
 template <typename scalar_t, typename F>
-void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F* staging, F* maps, bool& nonfinite,
-                         bool& negative) {
+void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F* staging, const F** image_rows,
+                         F* maps, bool check, bool& nonfinite, bool& negative) {
   const bool dense = (g.W == 1 || g.sW == 1) && (g.H == 1 || g.sH == g.W);
   for (int64_t b = 0; b < g.B; ++b) {
     const scalar_t* image = x + b * g.sB + c * g.sC;
     F* __restrict row = staging + b * g.HW;
-    if (dense) {
-      for (int64_t i = 0; i < g.HW; ++i) row[i] = static_cast<F>(image[i]);
-    } else {
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t w = 0; w < g.W; ++w) row[h * g.W + w] = static_cast<F>(image[h * g.sH + w * g.sW]);
+    if constexpr (std::is_same_v<scalar_t, F>) {
+      if (dense) row = const_cast<F*>(image);
     }
+    if (static_cast<const void*>(row) != static_cast<const void*>(image)) {
+      if (dense) {
+        for (int64_t i = 0; i < g.HW; ++i) row[i] = static_cast<F>(image[i]);
+      } else {
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) row[h * g.W + w] = static_cast<F>(image[h * g.sH + w * g.sW]);
+      }
+    }
+    image_rows[b] = row;
+    if (!check) continue;
     // Lane-wise reductions (vectorised without reassociation flags): poison is NaN when some value is NaN
     // or ±Inf (x·0), lowest is negative when some value is.
     constexpr int64_t lanes = 16;
@@ -98,17 +108,29 @@ void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F*
     negative |= lowest < F(0);
   }
   constexpr int64_t tile = 16;
-  for (int64_t b0 = 0; b0 < g.B; b0 += tile)
-    for (int64_t i0 = 0; i0 < g.HW; i0 += tile)
-      for (int64_t i = i0; i < std::min(i0 + tile, g.HW); ++i)
-        for (int64_t b = b0; b < std::min(b0 + tile, g.B); ++b) maps[i * g.B + b] = staging[b * g.HW + i];
-  for (int64_t i = 0; i < g.HW; ++i) {
-    F* __restrict column = maps + i * g.B;
-    F total = F(0);
-    #pragma omp simd reduction(+ : total)
-    for (int64_t b = 0; b < g.B; ++b) total += column[b];
-    const F mean = total / static_cast<F>(g.B);
-    for (int64_t b = 0; b < g.B; ++b) column[b] -= mean;
+  const F inv_B = F(1) / static_cast<F>(g.B);
+  for (int64_t i0 = 0; i0 < g.HW; i0 += tile) {
+    const int64_t i_end = std::min(i0 + tile, g.HW);
+    for (int64_t b0 = 0; b0 < g.B; b0 += tile) {
+      const int64_t b_end = std::min(b0 + tile, g.B);
+      if (i_end - i0 == tile && b_end - b0 == tile) {  // full tile: constant trip counts
+        for (int64_t b = 0; b < tile; ++b) {
+          const F* __restrict src = image_rows[b0 + b] + i0;
+          for (int64_t i = 0; i < tile; ++i) maps[(i0 + i) * g.B + b0 + b] = src[i];
+        }
+      } else {
+        for (int64_t b = b0; b < b_end; ++b)
+          for (int64_t i = i0; i < i_end; ++i) maps[i * g.B + b] = image_rows[b][i];
+      }
+    }
+    for (int64_t i = i0; i < i_end; ++i) {
+      F* __restrict column = maps + i * g.B;
+      F total = F(0);
+      #pragma omp simd reduction(+ : total)
+      for (int64_t b = 0; b < g.B; ++b) total += column[b];
+      const F mean = total * inv_B;
+      for (int64_t b = 0; b < g.B; ++b) column[b] -= mean;
+    }
   }
 }
 
@@ -225,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
     Workspace<F> ws(g, plan);
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;
-      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.maps.data(), nonfinite, negative);
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
+                          negative);
       if (nonfinite || negative) {
         if (nonfinite) any_nonfinite = true;
         if (negative) any_negative = true;
@@ -265,8 +288,10 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
     }
     // g − Σ_b q g is computed as (g − g_ref) − Σ_b q (g − g_ref), with ref the image of largest q: exact
     // where one image owns the template (q ≈ 1), where the plain form would cancel O(1) terms to ~0.
-    int64_t ref = 0;
-    while (ref + 1 < B && (ds[ref] - lme[t]) - lme[g.T + t] != u_max) ++ref;
+    int64_t ref = B - 1;  // the first image with u = u_max (a lane-wise min-reduction; the last if none matches)
+#pragma omp simd reduction(min : ref)
+    for (int64_t b = 0; b < B; ++b)
+      if ((ds[b] - lme[t]) - lme[g.T + t] == u_max) ref = b < ref ? b : ref;
     const F g_ref = weighted[ref];
     F qg_total = F(0);
     #pragma omp simd reduction(+ : qg_total)
@@ -327,7 +352,8 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
     Workspace<F> ws(g, plan);
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;  // checked by the forward pass
-      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.maps.data(), nonfinite, negative);
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), false, nonfinite,
+                          negative);
       filter_backward(g, ws, grad_data[c], lme_data + c * 2 * g.T, v_data + c * g.B, dx_data, c);
     }
   });

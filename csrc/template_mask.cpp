@@ -38,61 +38,64 @@ struct MaskGeometry {
   }
 };
 
-// Copies one map into a row-major buffer in the compute type (one pass, any strides).
-template <typename scalar_t, typename F>
-inline void load_map(const scalar_t* image, const MaskGeometry& g, F* map) {
-  if (g.dense_maps) {
-    for (int64_t i = 0; i < g.HW; ++i) map[i] = static_cast<F>(image[i]);
-    return;
+// One pass over a map's raw values: returns the maximum of relu?(x) and sets nonfinite when a value is NaN or ±Inf
+// (x·0 is NaN exactly for those).
+template <typename F>
+inline F check_and_max(const F* map, int64_t n, bool relu, bool& nonfinite) {
+  // Both reductions are exact in any order (a NaN sum stays NaN, max is associative), so omp simd may split them
+  // across vector lanes held in registers.
+  F poison = F(0), best = relu ? F(0) : map[0];
+#pragma omp simd reduction(+ : poison) reduction(max : best)
+  for (int64_t i = 0; i < n; ++i) {
+    const F raw = map[i];
+    poison += raw * F(0);
+    const F value = relu ? (raw > F(0) ? raw : F(0)) : raw;
+    best = value > best ? value : best;
   }
-  for (int64_t r = 0; r < g.H; ++r)
-    for (int64_t c = 0; c < g.W; ++c) map[r * g.W + c] = static_cast<F>(image[r * g.sH + c * g.sW]);
+  nonfinite = poison != poison;
+  return best;
 }
 
-// Lane-wise reductions that the compiler turns into vector code (no reassociation flags needed).
-constexpr int kLanes = 16;
-
-template <typename F>
-inline bool any_nonfinite(const F* values, int64_t n) {
-  F poison[kLanes] = {};  // x·0 is NaN exactly for NaN and ±Inf
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) poison[l] += values[i + l] * F(0);
-  F total = F(0);
-  for (; i < n; ++i) total += values[i] * F(0);
-  for (int l = 0; l < kLanes; ++l) total += poison[l];
-  return total != total;
+// The first position where found(map[i]) holds (it holds somewhere): a min-reduction over vector lanes.
+template <typename F, typename Predicate>
+inline __attribute__((always_inline)) int64_t first_position(const F* map, int64_t n, Predicate found) {
+  int32_t first = static_cast<int32_t>(n);
+#pragma omp simd reduction(min : first)
+  for (int32_t i = 0; i < static_cast<int32_t>(n); ++i)
+    if (found(map[i])) first = i < first ? i : first;
+  return first;
 }
 
-template <typename F>
-inline F max_value(const F* values, int64_t n) {
-  F best[kLanes];
-  for (int l = 0; l < kLanes; ++l) best[l] = values[0];
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) best[l] = values[i + l] > best[l] ? values[i + l] : best[l];
-  F result = values[0];
-  for (; i < n; ++i) result = values[i] > result ? values[i] : result;
-  for (int l = 0; l < kLanes; ++l) result = best[l] > result ? best[l] : result;
-  return result;
+// The map's values in the compute type: the input itself when it is already dense and of that type, otherwise a
+// converted copy in buffer.
+template <typename scalar_t, typename F>
+inline const F* image_values(const scalar_t* image, const MaskGeometry& g, F* buffer) {
+  if constexpr (std::is_same_v<F, scalar_t>)
+    if (g.dense_maps) return image;
+  if (g.dense_maps) {
+    for (int64_t i = 0; i < g.HW; ++i) buffer[i] = static_cast<F>(image[i]);
+  } else {
+    for (int64_t r = 0; r < g.H; ++r)
+      for (int64_t c = 0; c < g.W; ++c) buffer[r * g.W + c] = static_cast<F>(image[r * g.sH + c * g.sW]);
+  }
+  return buffer;
 }
 
 // μ̂ of one (ReLU'd) map: first maximum in row-major order, or the activation-weighted centroid rounded half up
 // and clamped to the grid (all-zero or non-positive total → 0), as in reference.peak_indices.
 template <typename F>
-int64_t peak_index(const F* map, const MaskGeometry& g, bool centroid) {
-  if (!centroid) {
-    const F best_value = max_value(map, g.HW);
-    int64_t best = 0;
-    while (map[best] != best_value) ++best;  // the first maximum in row-major order
-    return best;
+inline __attribute__((always_inline)) int64_t peak_index(const F* map, F best_value, const MaskGeometry& g, bool centroid, bool relu) {
+  if (!centroid) {  // the first maximum of relu?(x) in row-major order
+    if (relu && !(best_value > F(0))) return first_position(map, g.HW, [](F raw) { return !(raw > F(0)); });
+    return first_position(map, g.HW, [best_value](F raw) { return raw == best_value; });
   }
   double total = 0.0, row_moment = 0.0, col_moment = 0.0;
   for (int64_t r = 0; r < g.H; ++r) {
     double row_total = 0.0;
 #pragma omp simd reduction(+ : row_total, col_moment)
     for (int64_t c = 0; c < g.W; ++c) {
-      const double value = static_cast<double>(map[r * g.W + c]);
+      const F raw = map[r * g.W + c];
+      const double value = static_cast<double>(relu ? (raw > F(0) ? raw : F(0)) : raw);
       row_total += value;
       col_moment += value * static_cast<double>(c);
     }
@@ -118,6 +121,57 @@ inline void mask_at(F* mask, int64_t peak, double beta, const MaskGeometry& g) {
   }
 }
 
+// The masks of every possible peak, precomputed once per call for small maps (≤ kMaskTableMaxPositions positions,
+// a table of HW² values), so that the per-map loops are a plain vectorised product; larger maps compute theirs.
+constexpr int64_t kMaskTableMaxPositions = 256;
+
+template <typename F>
+struct MaskSource {
+  const MaskGeometry& g;
+  double beta;
+  std::vector<F> table;
+  MaskSource(const MaskGeometry& g_, double beta_) : g(g_), beta(beta_) {
+    if (g.HW > kMaskTableMaxPositions) return;
+    table.resize(g.HW * g.HW);
+    for (int64_t peak = 0; peak < g.HW; ++peak) mask_at(table.data() + peak * g.HW, peak, beta, g);
+  }
+  // The mask of a map with this peak: a row of the table, or computed into buffer.
+  const F* operator()(int64_t peak, F* buffer) const {
+    if (!table.empty()) return table.data() + peak * g.HW;
+    mask_at(buffer, peak, beta, g);
+    return buffer;
+  }
+};
+
+// The maps begin … end−1 (flat index b·C + c) of the forward pass, specialised on the ReLU.
+template <bool kRelu, typename scalar_t, typename F>
+void forward_maps(const scalar_t* x_data, const MaskGeometry& g, const MaskSource<F>& masks, bool centroid,
+                  int64_t begin, int64_t end, scalar_t* y_data, int64_t* peak_data, std::atomic<bool>& found_nonfinite) {
+  std::vector<F> map_buffer(g.HW), mask_buffer(masks.table.empty() ? g.HW : 0);
+  int64_t b = begin / g.C, c = begin % g.C;
+  for (int64_t bc = begin; bc < end; ++bc, ++c) {
+    if (c == g.C) {
+      c = 0;
+      ++b;
+    }
+    const F* __restrict map = image_values(x_data + b * g.sB + c * g.sC, g, map_buffer.data());
+    bool nonfinite = false;
+    const F best_value = check_and_max(map, g.HW, kRelu, nonfinite);
+    if (nonfinite) {
+      found_nonfinite = true;
+      continue;
+    }
+    const int64_t peak = peak_index(map, best_value, g, centroid, kRelu);
+    peak_data[bc] = peak;
+    const F* __restrict mask = masks(peak, mask_buffer.data());
+    scalar_t* __restrict out = y_data + bc * g.HW;
+    for (int64_t i = 0; i < g.HW; ++i) {
+      const F value = kRelu ? (map[i] > F(0) ? map[i] : F(0)) : map[i];
+      out[i] = static_cast<scalar_t>(std::max(value * mask[i], F(0)));
+    }
+  }
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double beta, bool centroid, bool tau_scale,
                                                  bool relu) {
@@ -129,25 +183,12 @@ std::tuple<at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double bet
   scalar_t* y_data = y.data_ptr<scalar_t>();
   int64_t* peak_data = peaks.data_ptr<int64_t>();
   std::atomic<bool> found_nonfinite{false};
+  const MaskSource<F> masks(g, beta);
   at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
-    std::vector<F> map_buffer(g.HW), mask_buffer(g.HW);
-    F* __restrict map = map_buffer.data();
-    F* __restrict mask = mask_buffer.data();
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.C, c = bc % g.C;
-      load_map(x_data + b * g.sB + c * g.sC, g, map);
-      if (any_nonfinite(map, g.HW)) {
-        found_nonfinite = true;
-        continue;
-      }
-      if (relu)
-        for (int64_t i = 0; i < g.HW; ++i) map[i] = map[i] > F(0) ? map[i] : F(0);
-      const int64_t peak = peak_index(map, g, centroid);
-      peak_data[bc] = peak;
-      mask_at(mask, peak, beta, g);
-      scalar_t* __restrict out = y_data + bc * g.HW;
-      for (int64_t i = 0; i < g.HW; ++i) out[i] = static_cast<scalar_t>(std::max(map[i] * mask[i], F(0)));
-    }
+    if (relu)
+      forward_maps<true>(x_data, g, masks, centroid, begin, end, y_data, peak_data, found_nonfinite);
+    else
+      forward_maps<false>(x_data, g, masks, centroid, begin, end, y_data, peak_data, found_nonfinite);
   });
   TORCH_CHECK_VALUE(!found_nonfinite.load(), op_name(relu),
                     ": the input contains NaN or Inf; check the layer that produced it (or lower the learning rate)");
@@ -167,19 +208,35 @@ at::Tensor backward_typed(const at::Tensor& grad_y, const at::Tensor& x, const a
   const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
   const int64_t* peak_data = peak_index.const_data_ptr<int64_t>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
+  const MaskSource<F> masks(g, beta);
   at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
-    std::vector<F> map_buffer(g.HW), mask_buffer(g.HW);
-    F* __restrict map = map_buffer.data();
-    F* __restrict mask = mask_buffer.data();
+    std::vector<F> map_buffer(g.dense_maps && std::is_same_v<F, scalar_t> ? 0 : g.HW);
+    const F slope = static_cast<F>(beta * g.inverse_n), scale = static_cast<F>(g.scale);
+    const int32_t* __restrict rows = g.row_of.data();
+    const int32_t* __restrict cols = g.col_of.data();
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / g.C, c = bc % g.C;
-      load_map(x_data + b * g.sB + c * g.sC, g, map);
-      mask_at(mask, peak_data[bc], beta, g);
+      const scalar_t* image = x_data + b * g.sB + c * g.sC;
+      const F* __restrict map = image_values(image, g, map_buffer.data());
+      const int64_t peak = peak_data[bc];
+      const int32_t peak_r = static_cast<int32_t>(peak / g.W), peak_c = static_cast<int32_t>(peak % g.W);
       const scalar_t* __restrict grad_map = grad_data + bc * g.HW;
       scalar_t* __restrict dx_map = dx_data + bc * g.HW;
-      for (int64_t i = 0; i < g.HW; ++i) {
-        const F value = relu ? std::max(map[i], F(0)) : map[i];
-        dx_map[i] = static_cast<scalar_t>(value * mask[i] > F(0) ? static_cast<F>(grad_map[i]) * mask[i] : F(0));
+      if (!masks.table.empty()) {  // small maps: the mask is a row of the precomputed table
+        const F* __restrict mask = masks.table.data() + peak * g.HW;
+        for (int64_t i = 0; i < g.HW; ++i) {
+          const F raw = map[i];
+          const F value = relu ? (raw > F(0) ? raw : F(0)) : raw;
+          dx_map[i] = static_cast<scalar_t>(value * mask[i] > F(0) ? static_cast<F>(grad_map[i]) * mask[i] : F(0));
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < g.HW; ++i) {  // one fused, vectorised pass: the mask is recomputed inline
+        const F d = static_cast<F>(std::abs(rows[i] - peak_r) + std::abs(cols[i] - peak_c));
+        const F m = std::max(F(1) - slope * d, F(-1)) * scale;
+        const F raw = map[i];
+        const F value = relu ? (raw > F(0) ? raw : F(0)) : raw;
+        dx_map[i] = static_cast<scalar_t>(value * m > F(0) ? static_cast<F>(grad_map[i]) * m : F(0));
       }
     }
   });

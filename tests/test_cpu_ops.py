@@ -200,6 +200,28 @@ def test_mask_matches_reference(op, center, scale, n):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(16, 16), (16, 17), (1, 300)])
+def test_mask_table_and_inline_paths(dtype, shape):
+    """Maps of ≤ 256 positions take their mask from a per-call table, larger ones compute it inline; both match
+    the reference, with all-negative maps (peak 0 after the ReLU) and late first maxima among the cases."""
+    H, W = shape
+    x = (random_maps((3, 4, H, W), scale=4.0, seed=H + W) - 1.0).to(dtype)
+    x[0, 0] = -1.0 - x[0, 0].abs()  # all negative
+    x[1, 1] = 0.5
+    x[1, 1, H - 1, W - 1] = 2.0  # the maximum at the last position
+    grad_y = (random_maps(x.shape, seed=3) - 0.5).to(dtype)
+    # The mask 1 − β·d/n is rounded differently from the reference's, which matters only where it is ≈ 0.
+    tol = {torch.float32: 2e-6, torch.float64: 1e-14}[dtype]
+    for op in MASK_OPS:
+        for scale in (None, "tau"):
+            ref_y, ref_grad = mask_and_grad(op, x, grad_y, scale=scale, backend="reference")
+            y, grad = mask_and_grad(op, x, grad_y, scale=scale, **CPU)
+            torch.testing.assert_close(y, ref_y, rtol=tol, atol=tol)
+            torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol)
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_mask_dtypes_and_layouts(dtype, layout):
