@@ -49,6 +49,7 @@ class DemoSettings:
     performer_epochs: int = 10
     explainer_images: int = 2000
     explainer_epochs: int = 8
+    explainer_refine_epochs: int = 8   # TrainConfig.refine_epochs: part filters and p frozen, decoder catches up
     explainer_batch_size: int = 32
     eval_images: int = 800
     gallery_filters: int = 6
@@ -60,7 +61,7 @@ class DemoSettings:
         if not quick:
             return cls()
         return cls(performer_train_images=1200, performer_test_images=200, performer_epochs=3, explainer_images=300,
-                   explainer_epochs=1, eval_images=200, gallery_filters=3, gallery_images=4)
+                   explainer_epochs=1, explainer_refine_epochs=1, eval_images=200, gallery_filters=3, gallery_images=4)
 
 
 @torch.no_grad()
@@ -134,7 +135,8 @@ def run_demo(out_dir: str | Path = "fastexplain-demo", quick: bool = False, prog
     mark = time.perf_counter()
     train_world = PartWorld(settings.explainer_images, settings.image_size, seed=settings.seed + 1, split="train",
                             progress=progress)
-    config = TrainConfig(epochs=settings.explainer_epochs, batch_size=settings.explainer_batch_size, seed=settings.seed)
+    config = TrainConfig(epochs=settings.explainer_epochs, batch_size=settings.explainer_batch_size, seed=settings.seed,
+                         refine_epochs=settings.explainer_refine_epochs)
     options = DEMO_EXPLAINER_OPTIONS if explainer_options is None else explainer_options
     history = fit(performer, train_world, cache / "explainer", config, options, resume=True,
                   progress=progress)

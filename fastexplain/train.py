@@ -61,6 +61,11 @@ class TrainConfig:
     schedule: str = "constant"       #: "constant" or "step" (lr × step_gamma every step_epochs epochs)
     step_epochs: int = 10
     step_gamma: float = 0.1
+    #: after ``epochs`` joint epochs, this many more train only the ordinary track and the decoder (the part
+    #: filters and p frozen) on reconstruction + refine_kl_weight·KL: the part filters keep what they learned
+    #: while the rest of the auto-encoder catches up on fidelity (design choice, docs/explainer.md)
+    refine_epochs: int = 0
+    refine_kl_weight: float = 1.0
     grad_clip: float | None = 5.0    #: max global gradient norm (None: no clipping)
     autocast: str | None = None      #: None (float32) or "bf16"
     seed: int = 0
@@ -71,6 +76,9 @@ class TrainConfig:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("autocast", AUTOCASTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.refine_epochs < 0 or not self.refine_kl_weight >= 0:
+            raise ValueError(f"TrainConfig: refine_epochs and refine_kl_weight must be ≥ 0, got "
+                             f"{self.refine_epochs!r}, {self.refine_kl_weight!r}")
         for name in ("epochs", "batch_size", "step_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig: {name} must be ≥ 1, got {getattr(self, name)!r}")
@@ -143,9 +151,20 @@ def _check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
                          f"use the same settings or a new output directory")
 
 
+def frozen_when_refining(explainer: Explainer) -> list[nn.Parameter]:
+    """The parameters that the refinement epochs leave alone: both interpretable layers and the gate of p."""
+    return [*explainer.interpretable1.parameters(), *explainer.interpretable2.parameters(),
+            *explainer.gate_parameters()]
+
+
 def train_step(performer: Performer, explainer: Explainer | DistributedDataParallel,
-               optimizer: torch.optim.Optimizer, images: Tensor, config: TrainConfig) -> dict[str, float]:
+               optimizer: torch.optim.Optimizer, images: Tensor, config: TrainConfig,
+               refine: bool = False) -> dict[str, float]:
     """One optimisation step on a batch of images; returns the loss terms and the mean p.
+
+    ``refine=True``: a refinement step (TrainConfig.refine_epochs): the objective is reconstruction +
+    refine_kl_weight·KL and the part filters and p keep their values (their gradients are dropped after
+    the backward pass, so DDP still reduces every parameter and Adam skips them).
 
     ``explainer`` may be a DDP-wrapped explainer whose process group is set: the terms are then those of
     the global batch (the same on every rank).
@@ -157,7 +176,12 @@ def train_step(performer: Performer, explainer: Explainer | DistributedDataParal
         output = explainer(features.input, features.target, performer_logits=features.logits, head=head)
     losses = output.losses
     optimizer.zero_grad(set_to_none=True)
-    losses.total.backward()
+    if refine:
+        (losses.reconstruction + config.refine_kl_weight * losses.kl).backward()
+        for parameter in frozen_when_refining(getattr(explainer, "module", explainer)):
+            parameter.grad = None
+    else:
+        losses.total.backward()
     if config.grad_clip is not None:
         nn.utils.clip_grad_norm_(explainer.parameters(), config.grad_clip)
     optimizer.step()
@@ -257,7 +281,8 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
             warnings.warn(f"fit: the last global batch of each epoch ({leftover} images) is dropped: it has fewer "
                           f"images than the {context.world_size} ranks", stacklevel=3)
     show = progress and context.is_main
-    for epoch in range(start_epoch, config.epochs):
+    total_epochs = config.epochs + config.refine_epochs
+    for epoch in range(start_epoch, total_epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * group["lr_scale"] * config.lr_factor(epoch)
         order = epoch_order(len(dataset), config.seed, epoch)
@@ -266,10 +291,10 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
                             collate_fn=collate_images)
         totals: dict[str, float] = {}
         images_seen, started = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}", disable=not show, leave=False)
         for images, global_size in zip(bar, global_sizes):
             images = images.to(device, non_blocking=True)
-            terms = train_step(performer, model, optimizer, images, config)
+            terms = train_step(performer, model, optimizer, images, config, refine=epoch >= config.epochs)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value * global_size
             images_seen += global_size
@@ -279,7 +304,7 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
         entry.update(epoch=epoch + 1, lr=config.lr * config.lr_factor(epoch), seconds=time.perf_counter() - started)
         history.append(entry)
         if show:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['total']:.4f}  reconstruction "
+            tqdm.write(f"epoch {epoch + 1}/{total_epochs}: loss {entry['total']:.4f}  reconstruction "
                        f"{entry['reconstruction']:.4f}  kl {entry['kl']:.4f}  filter {entry['filter']:.4f}  "
                        f"p {entry['p']:.3f}")
         if context.is_main:

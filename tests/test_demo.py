@@ -11,7 +11,8 @@ from fastexplain.cli import main
 from fastexplain.demo import DemoSettings, run_demo
 
 TINY = DemoSettings(performer_train_images=48, performer_test_images=16, performer_epochs=1, explainer_images=32,
-                    explainer_epochs=1, eval_images=24, gallery_filters=2, gallery_images=2)
+                    explainer_epochs=1, explainer_refine_epochs=1, eval_images=24, gallery_filters=2,
+                    gallery_images=2)
 
 
 @pytest.mark.slow

@@ -141,3 +141,26 @@ def test_hook_head_and_feature_only_performers_train(tmp_path: Path) -> None:
                        TrainConfig(epochs=1, batch_size=4), {"parts": 4}, progress=False)
     assert hooked[0]["kl"] > 0 and feature_only[0]["kl"] == 0
     assert load_checkpoint(tmp_path / "none" / "checkpoint.pt")["performer"] is None
+
+
+def test_refinement_epochs_keep_part_filters_and_p_and_improve_reconstruction(tmp_path: Path) -> None:
+    options = {"parts": 8}
+    joint = TrainConfig(epochs=2, batch_size=8, lr=5e-3)
+    fit(_performer(), _images(), tmp_path / "joint", joint, options, progress=False)
+    refined = TrainConfig(epochs=2, batch_size=8, lr=5e-3, refine_epochs=4, refine_kl_weight=2.0)
+    history = fit(_performer(), _images(), tmp_path / "refined", refined, options, progress=False)
+    assert [entry["epoch"] for entry in history] == list(range(1, 7))
+    before = load_checkpoint(tmp_path / "joint" / "checkpoint.pt")["explainer"]
+    after = load_checkpoint(tmp_path / "refined" / "checkpoint.pt")["explainer"]
+    for key in before:
+        if key.startswith(("interpretable1.", "interpretable2.", "gate")):
+            assert torch.equal(before[key], after[key]), key  # frozen during refinement
+    assert not torch.equal(before["decoder2.weight"], after["decoder2.weight"])
+    final_p = float(torch.sigmoid(after["gate_logit"]))
+    assert [entry["p"] for entry in history[2:]] == pytest.approx([final_p] * 4, abs=1e-6)
+    assert history[-1]["reconstruction"] < history[1]["reconstruction"]
+
+
+def test_refinement_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="refine_epochs"):
+        TrainConfig(refine_epochs=-1)
