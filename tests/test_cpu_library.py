@@ -5,18 +5,10 @@ import pytest
 import torch
 
 import fastexplain
-from fastexplain.ops import BackendUnavailable, _registry
+from fastexplain.ops._registry import unavailable_reason
 
-
-def _unavailable() -> str | None:
-    try:
-        _registry.load("cpu")
-        return None
-    except BackendUnavailable as error:
-        return str(error)
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"C++ backend not built: {_unavailable()}")
+UNAVAILABLE = unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"C++ backend not built: {UNAVAILABLE}")
 
 
 def maps(shape, dtype=torch.float32, seed=0, shift=0.0) -> torch.Tensor:

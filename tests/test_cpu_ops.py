@@ -13,15 +13,7 @@ from fastexplain.ops import BackendUnavailable, _registry, reference
 from fastexplain.ops._checks import negative_message, nonfinite_message
 
 
-def _cpu_unavailable_reason() -> str | None:
-    try:
-        _registry.load("cpu")
-        return None
-    except BackendUnavailable as error:
-        return str(error)
-
-
-UNAVAILABLE = _cpu_unavailable_reason()
+UNAVAILABLE = _registry.unavailable_reason("cpu")
 needs_cpu = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"C++ backend not built: {UNAVAILABLE}")
 CPU = dict(backend="cpu")
 EDGE_SIZES = [1, 2, 3, 7, 13, 14, 28]

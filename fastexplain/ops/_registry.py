@@ -66,16 +66,18 @@ def load(name: str) -> Backend:
     return result
 
 
+def unavailable_reason(name: str) -> str | None:
+    """None when backend ``name`` can be used here, otherwise the reason it cannot."""
+    try:
+        load(name)
+        return None
+    except BackendUnavailable as error:
+        return str(error)
+
+
 def availability() -> dict[str, str | None]:
     """For every backend: None when it can be used here, otherwise the reason it cannot."""
-    report: dict[str, str | None] = {}
-    for name in _MODULES:
-        try:
-            load(name)
-            report[name] = None
-        except BackendUnavailable as error:
-            report[name] = str(error)
-    return report
+    return {name: unavailable_reason(name) for name in _MODULES}
 
 
 def select(backend: str | None, x: Tensor, op: str) -> Backend:

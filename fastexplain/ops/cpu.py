@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .reference import compute_dtype
 from ._registry import Backend, BackendUnavailable
 
 EXTENSION_BASENAME = "fastexplain_cpu"
@@ -102,10 +103,6 @@ def build_extension(verbose: bool = False) -> None:
                                  f"c.build_extension(verbose=True)\"` to see the compiler output") from None
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _register_python_parts() -> None:
     """Fake implementations and autograd formulas for the C++ ops (once per process)."""
     global _registered
@@ -116,7 +113,7 @@ def _register_python_parts() -> None:
     @lib.register_fake(f"{OP_NAMESPACE}::filter_loss_forward")
     def _filter_loss_forward_fake(x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
         B, C, H, W = x.shape
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         return x.new_empty((C,), dtype=dtype), x.new_empty((C, 2, H * W + 1), dtype=dtype), x.new_empty((C, B), dtype=dtype)
 
     @lib.register_fake(f"{OP_NAMESPACE}::filter_loss_backward")

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .triton_backend import register_kernel_op
+from .reference import compute_dtype
 
 _SAFE_SPREAD = tl.constexpr(30.0)  # same as reference.py: shift the log-mean-exp only when exp(s) could overflow
 
@@ -296,24 +297,20 @@ def _tile_sizes(B: int, HW: int, device_type: str) -> dict[str, int]:
             "BACKWARD_WARPS": 8 if block_i > 256 else 4}
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _launch_settings(x: Tensor) -> tuple[dict[str, int], Tensor, dict[str, object]]:
     """Tile sizes, the batch mean mean_b x [C, HW] (x itself, unread, when every kernel holds the whole
     batch in one tile) and the constexpr flags shared by the kernels."""
     B, C, H, W = x.shape
     tiles = _tile_sizes(B, H * W, x.device.type)
     whole_batch = B <= min(tiles["BLOCK_B"], tiles["BACKWARD_B"])
-    batch_mean = x if whole_batch else x.mean(dim=0, dtype=_compute_dtype(x)).contiguous()
+    batch_mean = x if whole_batch else x.mean(dim=0, dtype=compute_dtype(x)).contiguous()
     flags = {"IS_FP64": x.dtype == torch.float64, "PRECISION": DOT_PRECISION}
     return tiles, batch_mean, flags
 
 
 def _filter_loss_forward_fake(x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
     B, C, H, W = x.shape
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     return x.new_empty((C,), dtype=dtype), x.new_empty((C, H * W + 1), dtype=dtype), x.new_empty((C, B), dtype=dtype)
 
 
@@ -324,7 +321,7 @@ def filter_loss_forward(x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]
     lme and v are the statistics the backward pass reuses; the public op returns only the loss.
     """
     B, C, H, W = x.shape
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     tiles, batch_mean, flags = _launch_settings(x)
     loss = x.new_empty((C,), dtype=dtype)
     lme = x.new_empty((C, H * W + 1), dtype=dtype)
