@@ -24,6 +24,9 @@ MapSource = Union[Tensor, Callable[[], Iterable[Tensor]]]
 TARGETS: dict[str, tuple[str, float]] = {
     "location_instability_ratio": ("<=", 0.6),
     "part_interpretability_ratio": (">=", 1.5),
+    "colocation_ratio": ("<=", 2.0),          # mean pairwise co-location, explainer / performer
+    "colocation_group_fraction": (">=", 0.5),  # co-location groups / filters (≥ M/2 groups)
+    "parts_covered": (">=", 5),               # parts that are the best part of ≥ 2 filters (part world: 5 of 6)
     "p": (">=", 0.7),
     "agreement": (">=", 0.98),
 }
@@ -250,20 +253,31 @@ class ReconstructionMeter:
 
 
 def check_targets(performer: dict[str, float], explainer: dict[str, float]) -> list[dict[str, object]]:
-    """SPEC §7 goals as rows ``{name, value, target, passed}`` (value nan and passed False when missing)."""
+    """SPEC §7 goals as rows ``{name, value, target, passed}``; a goal whose inputs are missing (e.g. part
+    coverage without part annotations) is left out, one whose value is not finite fails."""
     def ratio(key: str) -> float:
         base, mine = performer.get(key, math.nan), explainer.get(key, math.nan)
         return mine / base if base and math.isfinite(base) and math.isfinite(mine) else math.nan
 
+    groups, filters = explainer.get("colocation_groups"), explainer.get("filters")
     values = {
         "location_instability_ratio": ratio("location_instability"),
         "part_interpretability_ratio": ratio("part_interpretability"),
+        "colocation_ratio": ratio("colocation") if "colocation" in explainer else None,
+        "colocation_group_fraction": groups / filters if groups is not None and filters else None,
+        "parts_covered": explainer.get("parts_covered"),
         "p": explainer.get("p", math.nan),
         "agreement": explainer.get("agreement", math.nan),
     }
     rows = []
     for name, (relation, target) in TARGETS.items():
+        if values[name] is None:
+            continue
         value = float(values[name])
         passed = math.isfinite(value) and (value <= target if relation == "<=" else value >= target)
         rows.append({"name": name, "value": value, "target": f"{relation} {target}", "passed": passed})
     return rows
+
+
+# Part diversity lives in its own module; it is part of the metrics' public surface.
+from .diversity import PartDiversity, colocation_groups, colocation_matrix, part_diversity  # noqa: E402,F401

@@ -216,8 +216,8 @@ class Explainer(nn.Module):
         if self.training:
             self._update_scales(x_star, target)
         x_norm = x_star / self.input_scale.to(x_star.dtype)
-        first: InterpretableOutput = self.interpretable1(x_norm, compute_loss=compute_loss)
-        second: InterpretableOutput = self.interpretable2(first.output, compute_loss=compute_loss)
+        first: InterpretableOutput = self.interpretable1.detailed(x_norm, compute_loss=compute_loss)
+        second: InterpretableOutput = self.interpretable2.detailed(first.output, compute_loss=compute_loss)
         x_ord = torch.relu(self.ordinary(x_norm))
         p = self.mixing_weight(x_norm)
         p_map = p if p.dim() == 0 else p.view(-1, 1, 1, 1)

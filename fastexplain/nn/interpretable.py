@@ -100,6 +100,10 @@ class InterpretableConv2d(nn.Module):
 
     def forward(self, x: Tensor, *, compute_loss: bool | None = None) -> InterpretableOutput:
         """conv → ReLU → filter loss → mask; ``compute_loss`` overrides the module's setting for this call."""
+        return self.detailed(x, compute_loss=compute_loss)
+
+    def detailed(self, x: Tensor, *, compute_loss: bool | None = None) -> InterpretableOutput:
+        """The masked output with the pre-mask map and the per-filter filter loss (what the explainer reads)."""
         conv_out = self.conv(x)
         relu_map = torch.relu(conv_out)
         if self.compute_loss if compute_loss is None else compute_loss:
