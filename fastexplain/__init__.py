@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .ops import BackendUnavailable, filter_loss, relu_template_mask, template_mask
 from .checkpoint import CheckpointError, load_explainer
-from .nn import Explainer, ExplainerConfig, ExplainerOutput, InterpretableConv2d
+from .nn import (Explainer, ExplainerConfig, ExplainerOutput, FilterLosses, InterpretableConv2d, InterpretableOutput,
+                 collect_filter_losses)
 from .performer import Performer
 from .train import TrainConfig, fit
 from .templates import part_templates, template_alpha, template_entropy, template_priors, template_tau
@@ -19,7 +20,10 @@ __all__ = [
     "Explainer",
     "ExplainerConfig",
     "ExplainerOutput",
+    "FilterLosses",
     "InterpretableConv2d",
+    "InterpretableOutput",
+    "collect_filter_losses",
     "Performer",
     "TrainConfig",
     "fit",

@@ -1,4 +1,4 @@
-"""InterpretableConv2d: conv → ReLU → filter loss → mask (SPEC §2–3), checked against the public ops."""
+"""InterpretableConv2d: conv → ReLU → filter loss → mask ([ICNN] arXiv 1710.00935), checked against the public ops."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ def _layer(**options) -> InterpretableConv2d:
 def test_output_is_the_masked_relu_of_the_conv_and_loss_reads_the_premask_map() -> None:
     layer = _layer(loss_scale="none")
     x = torch.randn(4, 3, 7, 6)
-    result = layer(x)
+    result = layer.detailed(x)
     conv_out = layer.conv(x)
     assert result.output.shape == (4, 5, 7, 6)
     torch.testing.assert_close(result.output, relu_template_mask(conv_out))
@@ -34,17 +34,17 @@ def test_peak_scaling_sets_the_mean_peak_to_contrast_over_tau_and_is_scale_free(
     assert torch.all(scaled[:, 3] == 0)
     layer = _layer()
     x = torch.randn(4, 3, 6, 6)
-    before = layer(x).filter_loss
+    before = layer.detailed(x).filter_loss
     with torch.no_grad():
         layer.conv.weight.mul_(7.0)
         layer.conv.bias.mul_(7.0)
-    torch.testing.assert_close(layer(x).filter_loss, before, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.detailed(x).filter_loss, before, rtol=1e-4, atol=1e-6)
 
 
 def test_gradients_reach_the_conv_from_the_output_and_from_the_filter_loss() -> None:
     layer = _layer()
     x = torch.rand(5, 3, 6, 6)
-    result = layer(x)
+    result = layer.detailed(x)
     (grad_loss,) = torch.autograd.grad(result.filter_loss.sum(), layer.conv.weight, retain_graph=True)
     (grad_out,) = torch.autograd.grad(result.output.sum(), layer.conv.weight)
     assert grad_loss.abs().sum() > 0 and grad_out.abs().sum() > 0
@@ -52,15 +52,15 @@ def test_gradients_reach_the_conv_from_the_output_and_from_the_filter_loss() -> 
 
 def test_batch_of_one_gives_zero_loss_and_compute_loss_false_gives_zeros() -> None:
     layer = _layer()
-    single = layer(torch.rand(1, 3, 5, 5))
+    single = layer.detailed(torch.rand(1, 3, 5, 5))
     assert torch.allclose(single.filter_loss, torch.zeros(5), atol=1e-6)
-    skipped = layer(torch.rand(3, 3, 5, 5), compute_loss=False)
+    skipped = layer.detailed(torch.rand(3, 3, 5, 5), compute_loss=False)
     assert torch.equal(skipped.filter_loss, torch.zeros(5))
 
 
 def test_bf16_input_gives_a_float32_loss() -> None:
     layer = _layer().to(torch.bfloat16)
-    result = layer(torch.rand(4, 3, 6, 6, dtype=torch.bfloat16))
+    result = layer.detailed(torch.rand(4, 3, 6, 6, dtype=torch.bfloat16))
     assert result.output.dtype == torch.bfloat16 and result.filter_loss.dtype == torch.float32
     assert torch.isfinite(result.filter_loss).all()
 
@@ -71,12 +71,12 @@ def test_training_the_filter_loss_alone_lowers_it() -> None:
     optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2)
     first = None
     for _ in range(15):
-        loss = layer(x).filter_loss.mean()
+        loss = layer.detailed(x).filter_loss.mean()
         first = float(loss.detach()) if first is None else first
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    assert float(layer(x).filter_loss.mean().detach()) < first - 1e-3
+    assert float(layer.detailed(x).filter_loss.mean().detach()) < first - 1e-3
 
 
 @pytest.mark.parametrize("options, match", [({"loss_scale": "max"}, "loss_scale"), ({"contrast": 0.0}, "contrast")])

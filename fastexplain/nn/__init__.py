@@ -1,8 +1,9 @@
-"""Neural-network modules: the interpretable conv layer and the explainer (SPEC §3–4)."""
+"""Neural-network modules: the interpretable conv layer ([ICNN] arXiv 1710.00935) and the explainer
+([EXPL] arXiv 1805.07468); see docs/explainer.md and docs/finetuning.md."""
 from __future__ import annotations
 
 from .explainer import Explainer, ExplainerConfig, ExplainerLosses, ExplainerOutput
-from .interpretable import InterpretableConv2d, InterpretableOutput
+from .interpretable import FilterLosses, InterpretableConv2d, InterpretableOutput, collect_filter_losses
 
-__all__ = ["Explainer", "ExplainerConfig", "ExplainerLosses", "ExplainerOutput", "InterpretableConv2d",
-           "InterpretableOutput"]
+__all__ = ["Explainer", "ExplainerConfig", "ExplainerLosses", "ExplainerOutput", "FilterLosses",
+           "InterpretableConv2d", "InterpretableOutput", "collect_filter_losses"]
