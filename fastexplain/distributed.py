@@ -16,7 +16,7 @@ Algorithm (per filter c, templates t = 0 … HW, T the [HW+1, HW] template matri
     2. s[b,t] = T·(x_b − x̄) locally (the global batch mean of s is 0 up to rounding, SPEC §2 "Scale");
        all-reduce MAX of max_b s [C, T]          → shift_t = max(max_b s − 30, 0) (overflow guard only).
     3. all-reduce SUM of Σ_b expm1(s − shift) [C, T]
-                                                  → lme_t = shift_t + log1p(Σ / N) = log mean_b e^s.
+                                                  → M_t = Σ / N, lme_t = shift_t + log1p(M_t) = log mean_b e^s.
     4. u = s − lme (= log N·q), v = log Σ_t p_t e^u (= log N·P) locally;
        all-reduce SUM of [Σ_t p_t Σ_b f(u) | Σ_b f(v)] (2·C) → MI = (conditional − marginal) / N.
   backward (SPEC §2 "Exact gradient", with g = p_t (log q − log P) = p_t (u − v), q = e^u / N)
@@ -38,13 +38,14 @@ gradients over the R ranks, which would divide the filter loss's contribution by
 Every rank must call the loss, and backward through it, the same number of times in the same order:
 the collectives are matched by order, like SyncBatchNorm's.
 
-Local passes (the interface a fused backend plugs into): see :class:`LocalFilterLossPasses`. Until a
-backend's ``Backend`` exposes ``local_passes``, every backend runs the local passes with the reference's
-PyTorch math (any device); the global result is the same, only the speed differs.
+Local passes: every rank's own work (the logits, the expm1 and entropy sums, the input gradient) is done
+by ``fastexplain.ops.local_passes`` for the backend the dispatcher picks — the fused C++ kernels for
+``cpu`` (csrc/filter_loss_local.cpp), the reference's PyTorch math otherwise. This module holds no loss
+math of its own: only the collectives and the assembly of their results.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -53,101 +54,24 @@ from torch import Tensor
 from .ops import _registry
 from .ops._checks import (REDUCTIONS, check_beta, check_choice, check_feature_maps, negative_message,
                           nonfinite_message)
-from .ops.reference import compute_dtype, entropy_term, log_mixture
-from .templates import DEFAULT_BETA, part_templates, template_priors
+from .ops.local_passes import LocalFilterLossPasses, ReferenceLocalPasses, local_passes
+from .ops.reference import compute_dtype
+from .templates import DEFAULT_BETA
 
-__all__ = ["LocalFilterLossPasses", "ReferenceLocalPasses", "global_filter_loss", "global_filter_loss_per_filter"]
+__all__ = ["LocalFilterLossPasses", "ReferenceLocalPasses", "global_filter_loss", "global_filter_loss_per_filter",
+           "loss_from_passes", "grad_from_passes"]
 
 # Same overflow guard as the reference's log_mean_exp_over_batch: shift exp's argument by the max only
 # when the spread of the centred logits exceeds it.
 _SAFE_SPREAD = 30.0
 _OP = "filter_loss"
-
-
-class LocalFilterLossPasses(Protocol):
-    """The local passes over one rank's x [B, C, H, W] that the global loss is assembled from.
-
-    A fused backend implements these to plug in (recomputing s = T·(x − x̄) inside each pass instead of
-    storing it, keeping only O(C·(HW+1)) state: x̄, shift, lme). All tensors are in the compute dtype.
-    """
-
-    def map_sums(self) -> tuple[Tensor, int, int]:
-        """(Σ_b x_b as [C, HW], number of non-finite elements, number of negative elements)."""
-
-    def logit_maxima(self, mean_maps: Tensor) -> Tensor:
-        """Store the global batch mean x̄ [C, HW]; return max_b s[b, t] [C, T] with s = T·(x_b − x̄)."""
-
-    def expm1_sums(self, shift: Tensor) -> Tensor:
-        """Σ_b expm1(s[b, t] − shift[t]) as [C, T]."""
-
-    def entropy_sums(self, lme: Tensor) -> tuple[Tensor, Tensor]:
-        """Store lme [C, T]; return (Σ_t p_t Σ_b f(u[b, t]), Σ_b f(v[b])) as two [C] tensors,
-        u = s − lme, v = log Σ_t p_t e^u, f(u) = u·e^u − expm1(u)."""
-
-    def backward_sums(self) -> Tensor:
-        """Σ_b e^u[b, t] (u[b, t] − v[b]) as [C, T]."""
-
-    def input_grad(self, global_sums: Tensor, n_total: int, grad_per_filter: Tensor) -> Tensor:
-        """∂loss/∂x for this rank's images as [B, C, H, W] in the compute dtype, given the all-reduced
-        backward sums W [C, T], N and the upstream gradient [C]:
-        −grad_c · Σ_t p_t e^u (u − v − W/N) / N · T_t."""
-
-
-class ReferenceLocalPasses:
-    """The local passes in plain PyTorch (the reference's math), for any device.
-
-    Holds the logits s (then u = log N·q) as [C, B, T] between the passes, like the reference's autograd.
-    """
-
-    def __init__(self, x: Tensor, beta: float) -> None:
-        B, C, H, W = x.shape
-        self.shape = (B, C, H, W)
-        self.maps = x.detach().to(compute_dtype(x)).reshape(B, C, H * W)
-        self.templates = part_templates(H, W, beta=beta, dtype=self.maps.dtype,
-                                        device=x.device).reshape(H * W + 1, H * W)
-        self.priors = template_priors(H, W, dtype=self.maps.dtype, device=x.device)
-
-    def map_sums(self) -> tuple[Tensor, int, int]:
-        low, high = torch.aminmax(self.maps)
-        nonfinite = int((~torch.isfinite(self.maps)).sum()) if not (low.isfinite() and high.isfinite()) else 0
-        negative = int((self.maps < 0).sum()) if float(low) < 0 else 0
-        return self.maps.sum(dim=0), nonfinite, negative
-
-    def logit_maxima(self, mean_maps: Tensor) -> Tensor:
-        centred = (self.maps - mean_maps).transpose(0, 1)  # [C, B, HW]
-        self.s = centred @ self.templates.T                 # [C, B, T]
-        del self.maps                                       # the later passes read s only
-        return self.s.amax(dim=1)
-
-    def expm1_sums(self, shift: Tensor) -> Tensor:
-        return torch.expm1(self.s - shift[:, None, :]).sum(dim=1)
-
-    def entropy_sums(self, lme: Tensor) -> tuple[Tensor, Tensor]:
-        self.u = self.s - lme[:, None, :]                   # log(N·q)
-        del self.s                                          # not needed any more: free [C, B, T]
-        self.v = log_mixture(self.u, self.priors)           # log(N·P)
-        conditional = (self.priors * entropy_term(self.u).sum(dim=1)).sum(dim=1)
-        return conditional, entropy_term(self.v).sum(dim=1)
-
-    def _weighted_log_ratio(self) -> tuple[Tensor, Tensor]:
-        return torch.exp(self.u), self.u - self.v[..., None]  # N·q and log q − log P
-
-    def backward_sums(self) -> Tensor:
-        weighted, log_ratio = self._weighted_log_ratio()
-        return (weighted * log_ratio).sum(dim=1)
-
-    def input_grad(self, global_sums: Tensor, n_total: int, grad_per_filter: Tensor) -> Tensor:
-        weighted, log_ratio = self._weighted_log_ratio()
-        dmi_ds = self.priors * weighted * (log_ratio - global_sums[:, None, :] / n_total) / n_total
-        dloss_ds = -grad_per_filter[:, None, None] * dmi_ds  # [C, B, T]
-        B, C, H, W = self.shape
-        return (dloss_ds @ self.templates).transpose(0, 1).reshape(B, C, H, W)
+# all_reduce(tensor, "sum" | "max") -> the reduction over every rank
+Reducer = Callable[[Tensor, str], Tensor]
 
 
 def _local_passes(x: Tensor, beta: float, backend: str | None) -> LocalFilterLossPasses:
-    """The chosen backend's local passes when it offers them, else the reference's (same result)."""
-    factory = getattr(_registry.select(backend, x, _OP), "local_passes", None)
-    return factory(x, beta) if factory is not None else ReferenceLocalPasses(x, beta)
+    """The chosen backend's local passes (fused where it has them; ``fastexplain.ops.local_passes``)."""
+    return local_passes(_registry.select(backend, x, _OP), x, beta)
 
 
 def _all_reduce(tensor: Tensor, group: Any, op: Any = None) -> Tensor:
@@ -189,31 +113,51 @@ class _GlobalFilterLoss(torch.autograd.Function):
             except (ValueError, RuntimeError) as error:  # BackendUnavailable is a RuntimeError
                 local_error = error
         _check_agreement(x, beta, group, local_error)
-        map_sum, nonfinite, negative = passes.map_sums()
-        counts = torch.tensor([x.shape[0], nonfinite, negative], dtype=map_sum.dtype, device=map_sum.device)
-        reduced = _all_reduce(torch.cat([map_sum.flatten(), counts]), group)
-        n_total, nonfinite_total, negative_total = (int(value) for value in reduced[-3:].tolist())
-        if nonfinite_total:
-            raise ValueError(nonfinite_message(_OP) + " (on at least one rank of the process group)")
-        if negative_total:
-            raise ValueError(negative_message(_OP) + " (on at least one rank of the process group)")
-        mean_maps = reduced[:-3].reshape(map_sum.shape) / n_total
-        maxima = _all_reduce(passes.logit_maxima(mean_maps), group, dist.ReduceOp.MAX)
-        shift = (maxima - _SAFE_SPREAD).clamp_min(0)
-        lme = shift + torch.log1p(_all_reduce(passes.expm1_sums(shift), group) / n_total)
-        conditional, marginal = passes.entropy_sums(lme)
-        sums = _all_reduce(torch.stack([conditional, marginal]), group)
+        loss, n_total = loss_from_passes(passes, x.shape[0], _group_reducer(group))
         ctx.passes, ctx.group, ctx.n_total, ctx.grad_factor = passes, group, n_total, grad_factor
         ctx.input_dtype = x.dtype
-        return -(sums[0] - sums[1]) / n_total
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_per_filter: Tensor) -> tuple[Tensor | None, ...]:
-        passes: LocalFilterLossPasses = ctx.passes
-        global_sums = _all_reduce(passes.backward_sums(), ctx.group)
-        grad = passes.input_grad(global_sums, ctx.n_total, grad_per_filter.to(global_sums.dtype) * ctx.grad_factor)
+        grad = grad_from_passes(ctx.passes, ctx.n_total, grad_per_filter * ctx.grad_factor, _group_reducer(ctx.group))
         return grad.to(ctx.input_dtype), None, None, None, None, None
+
+
+def _group_reducer(group: Any) -> Reducer:
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    return lambda tensor, op: _all_reduce(tensor, group, ops[op])
+
+
+def loss_from_passes(passes: LocalFilterLossPasses, batch_size: int, all_reduce: Reducer) -> tuple[Tensor, int]:
+    """Forward steps 1–4 of the module docstring on one rank: (−MI per filter [C], N).
+
+    ``all_reduce(tensor, op)`` with op "sum" or "max" returns the reduction over all ranks (a process
+    group's all-reduce; tests pass an in-process one to run many simulated ranks).
+    """
+    map_sum, nonfinite, negative = passes.map_sums()
+    counts = torch.tensor([batch_size, nonfinite, negative], dtype=map_sum.dtype, device=map_sum.device)
+    reduced = all_reduce(torch.cat([map_sum.flatten(), counts]), "sum")
+    n_total, nonfinite_total, negative_total = (int(value) for value in reduced[-3:].tolist())
+    if nonfinite_total:
+        raise ValueError(nonfinite_message(_OP) + " (on at least one rank of the process group)")
+    if negative_total:
+        raise ValueError(negative_message(_OP) + " (on at least one rank of the process group)")
+    mean_maps = reduced[:-3].reshape(map_sum.shape) / n_total
+    maxima = all_reduce(passes.logit_maxima(mean_maps), "max")
+    shift = (maxima - _SAFE_SPREAD).clamp_min(0)
+    mean_expm1 = all_reduce(passes.expm1_sums(shift), "sum") / n_total  # lme = shift + log1p(mean_expm1)
+    conditional, marginal = passes.entropy_sums(shift, mean_expm1)
+    sums = all_reduce(torch.stack([conditional, marginal]), "sum")
+    return -(sums[0] - sums[1]) / n_total, n_total
+
+
+def grad_from_passes(passes: LocalFilterLossPasses, n_total: int, grad_per_filter: Tensor,
+                     all_reduce: Reducer) -> Tensor:
+    """Backward step 5 on one rank: ∂(Σ_c grad_c·loss_c)/∂x for this rank's images, compute dtype."""
+    global_sums = all_reduce(passes.backward_sums(), "sum")
+    return passes.input_grad(global_sums, n_total, grad_per_filter.to(global_sums.dtype))
 
 
 def _group_size(process_group: Any) -> int:
