@@ -1,4 +1,5 @@
-"""The performer: a frozen CNN whose feature map at a named layer the explainer learns to explain (SPEC §4).
+"""The performer: a frozen CNN whose feature map at a named layer the explainer learns to explain ([EXPL]
+arXiv 1805.07468, §3; docs/explainer.md).
 
 A :class:`Performer` wraps any ``nn.Module`` (or a torchvision classification model built by name, random
 init unless ``weights=PATH`` names a local state_dict — nothing is ever downloaded). Layers are named by
@@ -14,15 +15,19 @@ computed from a reconstruction:
 * ``head="auto"`` (default): an explicit head for the architectures whose "rest of the network" is known —
   ``nn.Sequential`` models, VGG/AlexNet-style models (``features`` Sequential → ``avgpool`` → flatten →
   ``classifier``) and torchvision ResNets (a stage ``layerN``, a block ``layerN.i`` or a stem module).
-  Its cost is only the layers above the target layer. Anything else: feature-only mode (no head).
+  Its cost is only the layers above the target layer. Anything else: feature-only mode (no head), with a
+  warning (once per model class and layer) that says how to get the KL term and prediction agreement.
 * ``head="hook"``: works for any model whose forward calls the target layer once and returns logits: the
   whole model is run on the images with a forward hook substituting the target layer's output. Cost: one
-  full performer forward per call (the layers below the target are recomputed, without autograd).
+  full performer forward per call (the layers below the target are recomputed, without autograd). A target
+  module called twice in one forward pass (e.g. one ``nn.ReLU`` shared by several blocks) is an error.
 * ``head=None``: feature-only mode.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -33,6 +38,7 @@ from torch import Tensor, nn
 HEAD_MODES = ("auto", "hook", None)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_WARNED_NO_HEAD: set[tuple[str, str]] = set()
 _RESNET_ORDER = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
 
 
@@ -111,13 +117,26 @@ def _sequential_head(model: nn.Module, layer: str) -> nn.Module | None:
 
 
 class Performer(nn.Module):
-    """A frozen CNN with an explained layer, a target layer and (where possible) a head (SPEC §4).
+    """A frozen CNN with an explained layer, a target layer and (where possible) a head ([EXPL] §3).
+
+    The wrapped model is frozen (``requires_grad`` False) and stays in eval mode even when a parent's
+    ``.train()`` is called. ``features(images)`` reads x* (and the target feature) with forward hooks; without
+    a head the forward pass stops right after the highest requested layer.
 
     Args:
-        model: the CNN. Its parameters are frozen (requires_grad False) and it is kept in eval mode.
+        model: the CNN. Layers are named by their dotted ``named_modules`` path (``features.29``, ``layer4``).
         layer: dotted path of the explained layer (its output is x*).
         target_layer: dotted path of the layer whose output the explainer reconstructs (default: ``layer``).
-        head: "auto", "hook" or None (see the module docstring).
+        head: how predictions are computed from a (reconstructed) target feature, needed for the KL term
+            and the prediction agreement:
+
+            * ``"auto"`` (default): an explicit head for ``nn.Sequential`` models, VGG/AlexNet-style models
+              (``features`` → ``avgpool`` → flatten → ``classifier``) and torchvision ResNets; it costs only
+              the layers above the target. Another model gets no head (feature-only mode) and a warning.
+            * ``"hook"``: any model whose forward calls the target layer exactly once and returns logits;
+              the whole model reruns with the target layer's output substituted (one full forward per
+              call). A target layer called twice in one forward raises a ValueError.
+            * ``None``: feature-only mode (no KL term, no agreement).
         mean, std: per-channel input normalisation applied to images in [0, 1] (None: images used as given).
         spec: how to rebuild this performer (set by :meth:`from_torchvision`; checkpoints store it).
     """
@@ -137,6 +156,8 @@ class Performer(nn.Module):
         model.eval()
         self.head_mode = head
         self.head: nn.Module | None = _sequential_head(model, self.target_layer) if head == "auto" else None
+        if head == "auto" and self.head is None:
+            _warn_no_head(model, self.target_layer)
         self.spec = spec
         if (mean is None) != (std is None):
             raise ValueError("Performer: give both mean and std for input normalisation, or neither")
@@ -199,6 +220,8 @@ class Performer(nn.Module):
                     raise ValueError(f"layer {name!r} returns {type(output).__name__} "
                                      f"{tuple(getattr(output, 'shape', ()))}, not a [B, C, H, W] feature map; "
                                      f"pick a convolutional layer")
+                if name in captured and want_logits and self.head_mode == "hook" and name == self.target_layer:
+                    raise _called_twice(self.target_layer)
                 captured.setdefault(name, output.detach())
                 if not want_logits and wanted <= captured.keys():
                     raise _StopForward
@@ -238,7 +261,12 @@ class Performer(nn.Module):
         if images is None:
             raise ValueError("run_head: head='hook' needs the images the target feature was computed from")
 
+        calls = []
+
         def substitute(module: nn.Module, args: Any, output: Any) -> Tensor:
+            calls.append(1)
+            if len(calls) > 1:
+                raise _called_twice(self.target_layer)
             return target_feature.to(output.dtype) if isinstance(output, Tensor) else output
 
         handle = self._target_module.register_forward_hook(substitute)
@@ -257,6 +285,55 @@ class Performer(nn.Module):
 
     def forward(self, images: Tensor) -> PerformerFeatures:
         return self.features(images)
+
+
+def _warn_no_head(model: nn.Module, target_layer: str) -> None:
+    """Warn once per (model class, layer) that head="auto" fell back to feature-only mode, and say what to do."""
+    key = (type(model).__name__, target_layer)
+    if key in _WARNED_NO_HEAD:
+        return
+    _WARNED_NO_HEAD.add(key)
+    warnings.warn(f"Performer: head='auto' does not know the layers after {target_layer!r} in a "
+                  f"{type(model).__name__} (it knows nn.Sequential, VGG/AlexNet-style and ResNet models), so the "
+                  f"explainer runs in feature-only mode: no KL term, no prediction agreement. Pass head='hook' "
+                  f"if the model's forward calls {target_layer!r} once and returns logits, or head=None to "
+                  f"silence this warning", UserWarning, stacklevel=3)
+
+
+def _called_twice(layer: str) -> ValueError:
+    return ValueError(f"head='hook' cannot substitute layer {layer!r}: it is called more than once in one forward "
+                      f"pass (e.g. an nn.ReLU shared by several blocks), so the logits would be wrong; explain a "
+                      f"layer that is called once, or use head='auto' or head=None")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of the model's state_dict (names, dtypes, shapes and bytes): equal iff the weights are."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def performer_identity(performer: "Performer") -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint's: model class, layers, head mode and weights."""
+    return {"model": type(performer.model).__name__, "layer": performer.layer,
+            "target_layer": performer.target_layer, "head": performer.head_mode,
+            "weights_sha256": weights_fingerprint(performer.model)}
+
+
+def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume with another performer, naming what differs (a checkpoint without a record passes)."""
+    if not saved:
+        return
+    changed = [key for key in current if key in saved and saved[key] != current[key]]
+    if not changed:
+        return
+    details = ", ".join("weights (their SHA-256 differs)" if key == "weights_sha256"
+                        else f"{key}: {saved[key]!r} → {current[key]!r}" for key in changed)
+    raise ValueError(f"cannot resume: the performer differs from the checkpoint's ({details}); use the same "
+                     f"performer or a new output directory")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import parallel
 from .checkpoint import explainer_from_state, load_checkpoint, save_checkpoint
+from .data import stack_images
 from .nn.explainer import Explainer, ExplainerConfig
-from .performer import Performer
+from .performer import Performer, check_same_performer, performer_identity
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step")
@@ -103,7 +104,7 @@ def image_of(item: Any) -> Tensor:
 
 
 def collate_images(items: Sequence[Any]) -> Tensor:
-    return torch.stack([image_of(item) for item in items])
+    return stack_images([image_of(item) for item in items])  # uint8 or mixed sizes: one-line errors
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
@@ -251,15 +252,19 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
     state = parallel.run_on_rank0(context, lambda: _read_checkpoint_if_resuming(checkpoint_path, resume))
     performer = performer.to(device)
     parallel.broadcast_module(performer, context)  # e.g. a randomly initialised performer: rank 0's on all
-    image_size = tuple(image_of(dataset[0]).shape[-2:])
+    image_size = tuple(stack_images([image_of(dataset[0])]).shape[-2:])
+    identity = performer_identity(performer)  # layers and a weights fingerprint, checked on resume
     torch.manual_seed(config.seed)
     if state is not None:
         _check_resumable(state["train_config"], config)
+        check_same_performer(state.get("extra", {}).get("performer_identity"), identity)
         explainer = explainer_from_state(state).to(device)
         requested = None if explainer_config is None else make_explainer_config(performer, image_size, explainer_config)
         if requested is not None and requested != explainer.config:
-            raise ValueError("cannot resume: the explainer options differ from the checkpoint's; use the same "
-                             "options or a new output directory")
+            saved, now = explainer.config.to_dict(), requested.to_dict()
+            details = ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in now if saved.get(k) != now[k])
+            raise ValueError(f"cannot resume: the explainer options differ from the checkpoint's ({details}); use "
+                             f"the same options or a new output directory")
         optimizer = make_optimizer(explainer, config)
         optimizer.load_state_dict(state["optimizer"])
         history: list[dict[str, float]] = list(state["history"])
@@ -311,7 +316,8 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
             save_checkpoint(checkpoint_path, {
                 "explainer_config": explainer.config.to_dict(), "train_config": asdict(config),
                 "performer": None if performer.spec is None else asdict(performer.spec),
-                "image_size": list(image_size), "extra": dict(extra or {}),
+                "image_size": list(image_size),
+                "extra": {**dict(extra or {}), "performer_identity": identity},
                 "explainer": explainer.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1, "history": history, "rng": {"torch": torch.get_rng_state()},
             })

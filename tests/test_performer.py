@@ -1,4 +1,4 @@
-"""Performer: layers by dotted name, frozen eval mode, heads equal to the rest of the network (SPEC §4)."""
+"""Performer: layers by dotted name, frozen eval mode, heads equal to the rest of the network ([EXPL] arXiv 1805.07468)."""
 from __future__ import annotations
 
 import pytest
@@ -57,7 +57,8 @@ def test_sequential_auto_head_and_feature_only_mode() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.body(x)
 
-    feature_only = Performer(Wrapped(), "body.4")
+    with pytest.warns(UserWarning, match="feature-only mode"):
+        feature_only = Performer(Wrapped(), "body.4")
     assert not feature_only.has_head
     assert feature_only.features(images).logits is None
     with pytest.raises(RuntimeError, match="no head"):

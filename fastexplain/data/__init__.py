@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 NAMED_DATASETS: dict[str, str] = {
@@ -71,4 +73,23 @@ def open_dataset(spec: str, image_size: int, **options: Any) -> Dataset:
     return builder(image_size=image_size, **{**spec_options, **options})
 
 
-__all__ = ["NAMED_DATASETS", "open_dataset", "parse_dataset_spec"]
+def stack_images(images: Sequence[Tensor]) -> Tensor:
+    """Stack dataset images ([C, H, W] float tensors in [0, 1]) into a batch; integer images, images that
+    are not [C, H, W] and images of different sizes are one-line errors that say how to fix the dataset."""
+    for image in images:
+        if not isinstance(image, Tensor) or image.dim() != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"dataset images must be [C, H, W] tensors, got {shape}; return one image per "
+                             f"item (e.g. torchvision.transforms.ToTensor())")
+        if not image.is_floating_point():
+            raise ValueError(f"dataset images must be float tensors in [0, 1], got {image.dtype}; convert them "
+                             f"in the dataset with image.float() / 255 (or torchvision.transforms.ToTensor())")
+    sizes = sorted({tuple(image.shape) for image in images})
+    if len(sizes) > 1:
+        raise ValueError(f"dataset images have different sizes ({sizes[0]} and {sizes[1]}); resize them to one "
+                         f"size in the dataset, e.g. torchvision.transforms.Resize((S, S)) or "
+                         f"fastexplain.data.folders.load_image(path, S)")
+    return torch.stack(list(images))
+
+
+__all__ = ["NAMED_DATASETS", "open_dataset", "parse_dataset_spec", "stack_images"]
