@@ -50,19 +50,30 @@ def _add_fit_and_explain(commands: argparse._SubParsersAction) -> None:
     add_fit_and_explain(commands, _one_line_errors)
 
 
+def _print_metrics(metrics: dict, out: str) -> None:
+    """The metric table, the targets and what was not measured, as printed by `demo` and `evaluate`."""
+    import math
+
+    keys = ("location_instability", "part_interpretability", "colocation", "colocation_groups", "parts_covered",
+            "p", "reconstruction_error", "agreement", "accuracy")
+    for name in ("performer", "explainer"):
+        values = metrics[name]
+        shown = ", ".join(f"{key.replace('_', ' ')} {values[key]:.4g}" for key in keys
+                          if isinstance(values.get(key), (int, float)) and math.isfinite(values[key]))
+        print(f"{name} filters: {shown}")
+    for row in metrics["targets"]:
+        verdict = {True: "pass", False: "FAIL"}.get(row["passed"], "not measured")
+        print(f"  {row['name']:<28} {row['value']:.4f} (target {row['target']}): {verdict}")
+    for name, need in metrics.get("omitted", {}).items():
+        print(f"not measured: {name.replace('_', ' ')} (needs {need})")
+    print(f"report: {out}/report.html  metrics: {out}/metrics.json")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fastexplain.demo import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
-    performer, explainer = metrics["performer"], metrics["explainer"]
-    print(f"performer filters: location instability {performer['location_instability']:.4f}, "
-          f"part interpretability {performer['part_interpretability']:.4f}")
-    print(f"explainer filters: location instability {explainer['location_instability']:.4f}, "
-          f"part interpretability {explainer['part_interpretability']:.4f}, p {explainer['p']:.3f}, "
-          f"reconstruction error {explainer['reconstruction_error']:.4f}, agreement {explainer['agreement']:.4f}")
-    for row in metrics["targets"]:
-        print(f"  {row['name']:<28} {row['value']:.4f} (target {row['target']}): {'pass' if row['passed'] else 'FAIL'}")
-    print(f"report: {args.out}/report.html  metrics: {args.out}/metrics.json")
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, seed=args.seed)
+    _print_metrics(metrics, args.out)
     return 0
 
 
@@ -70,8 +81,40 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="part world → performer → explainer → metrics → report.html")
     demo.add_argument("--out", default="fastexplain-demo", help="output directory (default: fastexplain-demo)")
     demo.add_argument("--quick", action="store_true", help="tiny run (about 2 minutes on 2 cores), a smoke test")
+    demo.add_argument("--seed", type=int, default=None,
+                      help="seed of the performer, the explainer and the data (default 0); cached per seed")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_one_line_errors("demo")(_demo))
+
+
+@_one_line_errors("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from fastexplain.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.out, images=args.images, batch_size=args.batch_size,
+                                  weights=args.weights, device=args.device, progress=not args.no_progress)
+    _print_metrics(metrics, args.out)
+    return 0
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """The `evaluate` subcommand (issue 13): metrics and report of a trained explainer on a dataset."""
+    evaluate = commands.add_parser("evaluate", help="measure a trained explainer vs its performer: metrics.json, "
+                                                    "report.html")
+    evaluate.add_argument("checkpoint", help="checkpoint.pt written by `fastexplain fit` (or the demo)")
+    evaluate.add_argument("--data", required=True,
+                          help="image folder (diversity, p, reconstruction, agreement only) or an annotated dataset "
+                               "(cub:root=DIR, partworld:split=val) for every metric; read at the checkpoint's size")
+    evaluate.add_argument("--out", default="fastexplain-evaluation", help="output directory (default: "
+                                                                          "fastexplain-evaluation)")
+    evaluate.add_argument("--images", type=int, default=None, help="use the first N images (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    evaluate.add_argument("--weights", default=None,
+                          help="performer weights when the checkpoint's cannot be used: a state_dict for its "
+                               "torchvision model, or a fastexplain.zoo performer file")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     _add_fit_and_explain(commands)
     _add_demo(commands)
+    _add_evaluate(commands)
     return parser
 
 

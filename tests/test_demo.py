@@ -26,8 +26,15 @@ def test_tiny_demo_end_to_end(tmp_path: Path) -> None:
     assert 0 < saved["explainer"]["p"] < 1 and 0 <= saved["explainer"]["agreement"] <= 1
     assert saved["performer"]["centers_method"] == "receptive_field"
     assert [row["name"] for row in saved["targets"]] == [row["name"] for row in metrics["targets"]]
+    for key in ("colocation", "colocation_groups", "parts_covered", "accuracy"):
+        assert key in saved["performer"] and key in saved["explainer"]
+    assert [row["name"] for row in saved["targets"]][:5] == ["location_instability_ratio", "part_interpretability_ratio",
+                                                              "colocation_ratio", "colocation_group_fraction",
+                                                              "parts_covered"]
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 1 + 2 * TINY.gallery_filters
+    shown = sum(choice["filter"] is not None for kind in ("explainer", "performer") for choice in saved["parts"][kind])
+    assert html.count("data:image/png;base64,") == 1 + shown and "Per-part galleries" in html
+    assert (tmp_path / "cache" / "quick" / "seed0" / "explainer" / "checkpoint.pt").is_file()
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
     again = run_demo(tmp_path, quick=True, progress=False, settings=TINY)  # both models come from the cache
     assert again["explainer"]["reconstruction_error"] == pytest.approx(metrics["explainer"]["reconstruction_error"])
@@ -39,3 +46,10 @@ def test_demo_cli_reports_errors_in_one_line(tmp_path: Path, capsys: pytest.Capt
     assert main(["demo", "--out", str(blocker), "--quick", "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "not a directory" in error
+
+
+@pytest.mark.slow
+def test_demo_seed_keys_the_cache(tmp_path: Path) -> None:
+    metrics = run_demo(tmp_path, quick=True, progress=False, settings=TINY, seed=1)
+    assert metrics["settings"]["seed"] == 1 and (tmp_path / "cache" / "quick" / "seed1" / "performer.pt").is_file()
+    assert not (tmp_path / "cache" / "quick" / "seed0").exists()
