@@ -6,6 +6,7 @@ from .checkpoint import CheckpointError, load_explainer
 from .nn import (Explainer, ExplainerConfig, ExplainerOutput, FilterLosses, InterpretableConv2d, InterpretableOutput,
                  collect_filter_losses)
 from .performer import Performer
+from .attribution import Attribution, attribute
 from .train import TrainConfig, fit
 from .templates import part_templates, template_alpha, template_entropy, template_priors, template_tau
 from .metrics import location_instability, part_interpretability
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "Attribution",
+    "attribute",
     "BackendUnavailable",
     "CheckpointError",
     "Explainer",
