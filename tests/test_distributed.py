@@ -42,7 +42,12 @@ CASES: dict[str, tuple[tuple[int, int], torch.dtype, int, int, int, float]] = {
     "scale_20_float32": ((6, 2), torch.float32, 3, 5, 5, 20.0),
     "large_activations_float32": ((4, 3), torch.float32, 2, 5, 5, 3000.0),  # spread of s > 88
     "uneven_float16": ((2, 5), torch.float16, 3, 4, 4, 1.0),
+    "uneven_bfloat16": ((4, 3), torch.bfloat16, 3, 5, 3, 1.0),
+    "non_square_channels_last_float64": ((3, 5), torch.float64, 5, 9, 4, 3.0),
+    "conv5_like_float64": ((6, 5), torch.float64, 4, 14, 14, 1.0),  # the prefix-sum pyramid path
 }
+# the local passes under test: the reference's PyTorch math and the fused C++ kernels (when built)
+LOCAL_PASS_BACKENDS = ("reference", "cpu")
 
 
 def _case_inputs() -> dict[str, dict[str, torch.Tensor]]:
@@ -75,11 +80,16 @@ def _cpu_backends() -> list[str]:
 def _run_cases(rank: int, inputs: dict) -> dict:
     results: dict = {}
     group = dist.group.WORLD
-    for name, (sizes, *_rest) in CASES.items():
-        x = inputs[name]["x"][_rank_slice(sizes, rank)].clone().requires_grad_(True)
-        loss = global_filter_loss(x, process_group=group, reduction="none", backend="reference")
-        (loss * inputs[name]["weights"].to(loss.dtype)).sum().backward()
-        results[name] = {"loss": loss.detach(), "grad": x.grad}
+    for backend in LOCAL_PASS_BACKENDS:
+        if backend != "reference" and backend not in _cpu_backends():
+            continue
+        for name, (sizes, *_rest) in CASES.items():
+            x = inputs[name]["x"][_rank_slice(sizes, rank)].clone().requires_grad_(True)
+            if "channels_last" in name:
+                x = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+            loss = global_filter_loss(x, process_group=group, reduction="none", backend=backend)
+            (loss * inputs[name]["weights"].to(loss.dtype)).sum().backward()
+            results[f"{name}@{backend}"] = {"loss": loss.detach(), "grad": x.grad}
     # Every backend that runs on CPU tensors here, and the automatic choice, gives the same global loss.
     for backend in _cpu_backends() + [None]:
         x = inputs["uneven_float64"]["x"][_rank_slice(CASES["uneven_float64"][0], rank)].clone().requires_grad_(True)
@@ -182,21 +192,25 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, relative: float)
     assert error <= relative * scale, f"max error {error:.3e} > {relative:.0e} × max|expected| {scale:.3e}"
 
 
+@pytest.mark.parametrize("backend", LOCAL_PASS_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_loss_and_gradient_equal_the_concatenated_batch(outcome, name):
+def test_loss_and_gradient_equal_the_concatenated_batch(outcome, name, backend):
     inputs, ranks = outcome
+    if f"{name}@{backend}" not in ranks[0]:
+        pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")
     sizes, dtype = CASES[name][0], CASES[name][1]
     x, weights = inputs[name]["x"], inputs[name]["weights"]
     # the float64 truth on the same (possibly rounded) inputs; lower precisions are judged against it
     expected_loss, expected_grad = _reference(x.double(), weights)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     for rank, results in enumerate(ranks):
-        assert results[name]["loss"].dtype == reference.compute_dtype(x)
-        _assert_close(results[name]["loss"], expected_loss, tolerance)
-        assert results[name]["grad"].dtype == dtype
-        # a float16 gradient is rounded to float16 (subnormal below 6e-5): 2e-3 of the largest entry
-        grad_tolerance = 2e-3 if dtype == torch.float16 else tolerance
-        _assert_close(results[name]["grad"], expected_grad[_rank_slice(sizes, rank)], grad_tolerance)
+        result = results[f"{name}@{backend}"]
+        assert result["loss"].dtype == reference.compute_dtype(x)
+        _assert_close(result["loss"], expected_loss, tolerance)
+        assert result["grad"].dtype == dtype
+        # a float16/bfloat16 gradient is rounded to its dtype: 2e-3 (fp16) or 1e-2 (bf16) of the largest entry
+        grad_tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, tolerance)
+        _assert_close(result["grad"], expected_grad[_rank_slice(sizes, rank)], grad_tolerance)
 
 
 @pytest.mark.parametrize("backend", list(backend_names()) + [None])
@@ -211,15 +225,18 @@ def test_every_backend_gives_the_global_loss(outcome, backend):
         _assert_close(results[f"backend_{backend}"]["grad"], expected_grad[_rank_slice(sizes, rank)], 1e-10)
 
 
+@pytest.mark.parametrize("backend", LOCAL_PASS_BACKENDS)
 @pytest.mark.parametrize("name", ["uneven_float32", "scale_20_float32"])  # naive is NaN at large scales
-def test_float32_gradient_meets_the_spec_target(outcome, name):
+def test_float32_gradient_meets_the_spec_target(outcome, name, backend):
     """SPEC §2: float32 gradients no worse than 2× the naive float32 reference's error (vs float64)."""
     inputs, ranks = outcome
+    if f"{name}@{backend}" not in ranks[0]:
+        pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")
     x, weights = inputs[name]["x"], inputs[name]["weights"]
     _, truth_grad = _reference(x.double(), weights)
     naive_x = x.clone().requires_grad_(True)
     (reference.naive_filter_loss_per_filter(naive_x, 4.0) * weights.float()).sum().backward()
-    grad = torch.cat([results[name]["grad"] for results in ranks]).double()
+    grad = torch.cat([results[f"{name}@{backend}"]["grad"] for results in ranks]).double()
     grad_error = float((grad - truth_grad).abs().max())
     naive_error = float((naive_x.grad.double() - truth_grad).abs().max())
     assert grad_error <= 2 * naive_error, f"float32 gradient error {grad_error:.2e} > 2 × naive {naive_error:.2e}"
@@ -228,7 +245,7 @@ def test_float32_gradient_meets_the_spec_target(outcome, name):
 def test_one_image_per_rank_is_not_the_per_rank_loss(outcome):
     """Two images in all: MI > 0, while each rank alone (B = 1) would have MI = 0."""
     _, ranks = outcome
-    assert float(ranks[0]["one_image_each_float64"]["loss"].abs().min()) > 0
+    assert float(ranks[0]["one_image_each_float64@reference"]["loss"].abs().min()) > 0
 
 
 def test_ddp_gradients_scale_the_gradient_not_the_value(outcome):
@@ -287,3 +304,24 @@ def test_without_an_initialised_process_group_the_error_says_how_to_fix_it():
         pytest.skip("a default process group exists in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         global_filter_loss(torch.rand(2, 1, 3, 3), process_group=None)
+
+
+def test_the_cpu_backend_runs_the_fused_local_passes():
+    if "cpu" not in _cpu_backends():
+        pytest.skip("the cpu backend is not built here")
+    from fastexplain.ops.local_passes import CpuLocalPasses, ReferenceLocalPasses, local_passes
+
+    x = torch.rand(2, 1, 3, 3)
+    assert isinstance(local_passes(_registry.load("cpu"), x, 4.0), CpuLocalPasses)
+    assert isinstance(local_passes(_registry.load("reference"), x, 4.0), ReferenceLocalPasses)
+
+
+def test_fused_local_pass_ops_reject_mismatched_state_in_one_line():
+    if "cpu" not in _cpu_backends():
+        pytest.skip("the cpu backend is not built here")
+    s, _ = torch.ops.fastexplain.filter_loss_local_logits(torch.rand(2, 3, 4, 4), torch.zeros(3, 16), 4.0)
+    with pytest.raises(ValueError, match="shift must be a contiguous CPU Float tensor of shape") as error:
+        torch.ops.fastexplain.filter_loss_local_expm1_sums(s, torch.zeros(3, 16))
+    assert "\n" not in str(error.value).strip()
+    with pytest.raises(ValueError, match="mean_maps must be"):
+        torch.ops.fastexplain.filter_loss_local_logits(torch.rand(2, 3, 4, 4), torch.zeros(3, 15), 4.0)
