@@ -154,7 +154,8 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from .visualize import explain_images
 
-    for path in explain_images(args.checkpoint, args.images, args.out, top=args.top, device=args.device):
+    for path in explain_images(args.checkpoint, args.images, args.out, top=args.top, device=args.device,
+                               steps=args.steps, columns=args.columns):
         print(path)
     return 0
 
@@ -176,10 +177,18 @@ def add_fit_and_explain(commands: argparse._SubParsersAction,
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tuning_flags(fit)
     fit.set_defaults(run=one_line_errors("fit")(run_fit))
-    explain = commands.add_parser("explain", help="write the part maps of a trained explainer over images (PNG)")
+    explain = commands.add_parser(
+        "explain", help="per image: the part maps and which part filters the prediction relied on (PNG + JSON)",
+        description="For each image write OUT/IMAGE_parts.png (the input and the part maps of the filters that "
+                    "contributed most to the performer's predicted class, labelled) and OUT/IMAGE.json (the class, "
+                    "every filter's contribution by integrated gradients, the ordinary track's share, the "
+                    "completeness residual). See docs/cli.md.")
     explain.add_argument("checkpoint", help="checkpoint.pt written by `fastexplain fit`")
     explain.add_argument("images", nargs="+", help="image files")
-    explain.add_argument("--out", required=True, help="output directory for IMAGE_parts.png files")
-    explain.add_argument("--top", type=int, default=15, help="how many of the most active part filters to show")
-    explain.add_argument("--device", default=None)
+    explain.add_argument("--out", required=True, help="output directory for IMAGE_parts.png and IMAGE.json")
+    explain.add_argument("--top", type=int, default=15,
+                         help="how many part filters to draw: the largest contributions (default 15)")
+    explain.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
+    explain.add_argument("--columns", type=int, default=5, help="map tiles per row (default 5)")
+    explain.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     explain.set_defaults(run=one_line_errors("explain")(run_explain))

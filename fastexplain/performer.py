@@ -323,8 +323,9 @@ def performer_identity(performer: "Performer") -> dict[str, Any]:
             "weights_sha256": weights_fingerprint(performer.model)}
 
 
-def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse to resume with another performer, naming what differs (a checkpoint without a record passes)."""
+def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any], action: str = "resume") -> None:
+    """Refuse to ``action`` (resume, explain, …) with another performer than the checkpoint's, naming what
+    differs (a checkpoint without a record passes)."""
     if not saved:
         return
     changed = [key for key in current if key in saved and saved[key] != current[key]]
@@ -332,8 +333,8 @@ def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any]) 
         return
     details = ", ".join("weights (their SHA-256 differs)" if key == "weights_sha256"
                         else f"{key}: {saved[key]!r} → {current[key]!r}" for key in changed)
-    raise ValueError(f"cannot resume: the performer differs from the checkpoint's ({details}); use the same "
-                     f"performer or a new output directory")
+    fix = "performer or a new output directory" if action == "resume" else "performer the explainer was trained on"
+    raise ValueError(f"cannot {action}: the performer differs from the checkpoint's ({details}); use the same {fix}")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
