@@ -1,4 +1,4 @@
-"""CUB-200-2011 from a local directory, with the part world's sample structure (issue 7, SPEC §5).
+"""CUB-200-2011 from a local directory, with the part world's sample structure (issue 7; docs/metrics.md).
 
 Expected layout (the official archive's ``CUB_200_2011/`` folder; nothing is ever downloaded)::
 

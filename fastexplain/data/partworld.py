@@ -1,4 +1,4 @@
-"""Part world: a procedural, seeded data set of creatures built from named parts (issue 7, SPEC §5, §7).
+"""Part world: a procedural, seeded data set of creatures built from named parts (issue 7; docs/partworld.md).
 
 Every sample is a pure function of ``(seed, split, index)``: it is drawn with its own
 ``numpy.random.default_rng([seed, split_id, index])`` and never touches a global RNG.
