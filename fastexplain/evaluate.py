@@ -149,6 +149,7 @@ class Collected:
     pre_mask: MapSpool
     stream: dict[str, float] = field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
+    labels_usable: bool = True  #: False when a label is not one of the performer's class indices
 
 
 @torch.no_grad()
@@ -171,11 +172,14 @@ def collect(performer: Any, explainer: Any, data: EvaluationData, batch_size: in
         output = explainer(features.input, compute_loss=False)
         through = performer.run_head(output.reconstruction, images) if features.logits is not None else None
         meter.update(output.reconstruction, features.target, features.logits, through, output.p)
-        if data.labels is not None and features.logits is not None:
+        if data.labels is not None and features.logits is not None and spools.labels_usable:
             labels = data.labels[start:start + len(indices)].to(device)
-            correct += int((features.logits.argmax(1) == labels).sum())
-            correct_through += int((through.argmax(1) == labels).sum())
-            labelled += len(indices)
+            if int(labels.max()) >= features.logits.shape[1] or int(labels.min()) < 0:
+                spools.labels_usable, labelled = False, 0
+            else:
+                correct += int((features.logits.argmax(1) == labels).sum())
+                correct_through += int((through.argmax(1) == labels).sum())
+                labelled += len(indices)
         spools.performer.append(features.input)
         spools.explainer.append(output.part_maps)
         spools.pre_mask.append(output.part_relu_maps)
@@ -208,7 +212,7 @@ def _layer_metrics(maps: MapSpool, data: EvaluationData, image_size: tuple[int, 
     return summary, instability, interpretability, diversity
 
 
-def omissions(data: EvaluationData, has_head: bool) -> dict[str, str]:
+def omissions(data: EvaluationData, has_head: bool, labels_usable: bool = True) -> dict[str, str]:
     """{metric: what it needs} for every metric these data (and this performer) cannot give."""
     omitted: dict[str, str] = {}
     if data.keypoints is None:
@@ -221,6 +225,8 @@ def omissions(data: EvaluationData, has_head: bool) -> dict[str, str]:
         omitted["agreement"] = "a performer head (the rest of the network after the layer)"
     if data.labels is None or not has_head:
         omitted["accuracy"] = "class labels" if has_head else "class labels and a performer head"
+    elif not labels_usable:
+        omitted["accuracy"] = "labels that are the performer's class indices (these exceed its outputs)"
     return omitted
 
 
@@ -274,7 +280,7 @@ def evaluate(performer: Any, explainer: Any, data: EvaluationData, out_dir: str 
             explainer_summary["agreement"] = stream["agreement"]
         if "accuracy" in stream:
             performer_summary["accuracy"], explainer_summary["accuracy"] = stream["accuracy"], stream["accuracy_through"]
-        omitted = omissions(data, performer.has_head)
+        omitted = omissions(data, performer.has_head, collected.labels_usable)
         targets = check_targets(performer_summary, explainer_summary)
         for row in targets:
             if TARGETS_NEEDING.get(row["name"]) in omitted or (row["name"] == "agreement" and "agreement" in omitted):

@@ -11,6 +11,7 @@ import html
 import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -114,9 +115,9 @@ def _mark(tile: np.ndarray, x: float, y: float) -> None:
         return
     rows, cols = np.ogrid[:height, :width]
     distance = np.hypot(cols + 0.5 - x, rows + 0.5 - y)
-    radius = max(3.0, height / 40)
-    tile[(distance >= radius) & (distance < radius + 1.5)] = (255, 255, 255)
-    tile[(distance >= radius + 1.5) & (distance < radius + 2.5)] = (0, 0, 0)
+    radius = max(5.0, height / 11)  # wide enough to leave a one-cell hot spot at the landmark visible
+    tile[(distance >= radius) & (distance < radius + 1.2)] = (255, 255, 255)
+    tile[(distance >= radius + 1.2) & (distance < radius + 2.2)] = (0, 0, 0)
 
 
 def _gallery_strip(gallery: FilterGallery) -> np.ndarray:
@@ -151,8 +152,9 @@ def _run_lengths(sizes: Sequence[int]) -> str:
 def _format(value: Any, key: str = "") -> str:
     if key == "group_sizes" and isinstance(value, (list, tuple)):
         return _run_lengths(value)
-    if isinstance(value, Mapping):
-        return html.escape(", ".join(f"{name} {_format(count)}" for name, count in value.items()))
+    if isinstance(value, Mapping):  # a histogram: parts with a count of 0 are left out
+        shown = [f"{name} {_format(count)}" for name, count in value.items() if count]
+        return html.escape(", ".join(shown) if shown else "none")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return "–" if not math.isfinite(float(value)) else f"{float(value):.4g}"
     return html.escape(str(value))
@@ -200,20 +202,28 @@ def _target_rows(metrics: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return check_targets(dict(metrics.get("performer", {})), dict(metrics.get("explainer", {})))
 
 
+def glance_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """One line per layer: for how many parts it has distinct filters, and its co-location groups."""
+    choices: Mapping[str, Sequence[Mapping[str, Any]]] = metrics.get("parts", {})
+    lines = []
+    for kind in ("explainer", "performer"):
+        picks, summary = choices.get(kind, []), metrics.get(kind, {})
+        if not picks or "colocation_groups" not in summary:
+            continue
+        found = sum(1 for c in picks if c.get("filter") is not None)
+        lines.append(f"{kind}: distinct filters for {found} of {len(picks)} parts; its {summary.get('filters', '?')} "
+                     f"filters form {summary['colocation_groups']} co-location group(s) (sizes "
+                     f"{_run_lengths(summary.get('group_sizes', []))})")
+    return lines
+
+
 def _parts_summary(metrics: Mapping[str, Any]) -> list[str]:
     """The at-a-glance sentence and the table of the filter chosen for each part, side by side."""
     choices: Mapping[str, Sequence[Mapping[str, Any]]] = metrics.get("parts", {})
     if not choices:
         return []
-    out = ["<p class='glance'>"]
-    for kind in ("explainer", "performer"):
-        picks, summary = choices.get(kind, []), metrics.get(kind, {})
-        found = sum(1 for c in picks if c.get("filter") is not None)
-        groups = summary.get("colocation_groups")
-        sizes = _run_lengths(summary.get("group_sizes", []))
-        out.append(f"<b>{kind}</b>: distinct filters for <b>{found} of {len(picks)}</b> parts; its "
-                   f"{summary.get('filters', '?')} filters form <b>{groups}</b> co-location group(s) "
-                   f"(sizes {html.escape(sizes)}).<br>")
+    out = ["<p class='glance'>"] + [re.sub(r"(\d+ of \d+|\d+(?= co-))", r"<b>\1</b>", html.escape(line)) + "<br>"
+                                     for line in glance_lines(metrics)]
     out.append("</p><table><tr><th>part</th>" + "".join(
         f"<th>{kind} filter</th><th>group (size)</th><th>location instability</th><th>hit rate</th>"
         for kind in ("explainer", "performer")) + "</tr>")
@@ -311,21 +321,23 @@ def render_summary_png(path: str | os.PathLike[str], metrics: Mapping[str, Mappi
     for group in dict.fromkeys(g.group for g in galleries):
         chosen += [g for g in galleries if g.group == group][:max_per_group]
     rows = metric_table_rows(metrics)
-    figure = plt.figure(figsize=(9, 1.2 + 0.35 * len(rows) + 1.3 * len(chosen)))
+    figure = plt.figure(figsize=(10, 1.2 + 0.35 * len(rows) + 1.3 * len(chosen)))
     grid = figure.add_gridspec(1 + len(chosen), 1, height_ratios=[0.6 + 0.35 * len(rows)] + [1.3] * len(chosen))
     table_axis = figure.add_subplot(grid[0])
     table_axis.axis("off")
     if rows:
         table = table_axis.table(cellText=[list(r[:3]) for r in rows], colLabels=["metric", "performer", "explainer"],
-                                 loc="center", cellLoc="left", colWidths=[0.5, 0.25, 0.25])
+                                 loc="center", cellLoc="left", colWidths=[0.4, 0.3, 0.3])
         table.auto_set_font_size(False)
-        table.set_fontsize(9)
+        table.set_fontsize(8)
         table.scale(1, 1.3)
     for n, gallery in enumerate(chosen, start=1):
         axis = figure.add_subplot(grid[n])
         axis.imshow(_gallery_strip(gallery))
         axis.set_title(f"{gallery.group} filter {gallery.filter_index} {gallery.caption}", fontsize=9, loc="left")
         axis.axis("off")
+    if glance_lines(metrics):
+        figure.suptitle("\n".join(glance_lines(metrics)), fontsize=10, x=0.02, ha="left")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=90, bbox_inches="tight")

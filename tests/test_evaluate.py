@@ -115,6 +115,14 @@ def test_image_folder_reports_what_needs_annotations(tmp_path: Path) -> None:
     assert "group 0 of 2 filter(s)" in html  # one gallery per co-location group instead of per part
 
 
+def test_labels_outside_the_performer_classes_omit_accuracy() -> None:
+    dots = Dots()
+    dots.labels = dots.labels + 2  # the performer has 2 outputs
+    metrics = evaluate(_performer(), CollapsedExplainer(), evaluation_data(dots), progress=False)
+    assert "accuracy" not in metrics["performer"] and "class indices" in metrics["omitted"]["accuracy"]
+    assert metrics["explainer"]["agreement"] == 1.0
+
+
 def test_part_choices_never_repeat_a_group() -> None:
     names = ("head", "tail", "legs")
     instability = torch.tensor([[0.05, 0.30, 0.30], [0.04, 0.30, 0.30], [0.30, 0.10, 0.30], [0.30, 0.30, 0.20]],

@@ -49,3 +49,23 @@ def test_summary_png_and_overlay(tmp_path: Path) -> None:
     tile = overlay_heatmap_basic(image, heat)
     assert tile.shape == (16, 16, 3) and tile.dtype.name == "uint8"
     assert tile[0, 0].sum() > 0 and tile[15, 15].sum() <= tile[0, 0].sum()
+
+
+def test_diversity_rows_parts_and_omissions(tmp_path: Path) -> None:
+    metrics = {
+        "performer": {"colocation": 0.12, "colocation_groups": 4, "group_sizes": [1, 3, 1, 1], "filters": 6,
+                      "best_part_histogram": {"head": 2, "tail": 0, "legs": 4}},
+        "explainer": {"colocation": 0.99, "colocation_groups": 1, "group_sizes": [6], "filters": 6,
+                      "best_part_histogram": {"head": 0, "tail": 6, "legs": 0}, "p": 0.7},
+        "omitted": {"location_instability": "landmark annotations (keypoints)"},
+        "targets": [{"name": "location_instability_ratio", "value": float("nan"), "target": "<= 0.6", "passed": None}],
+        "parts": {kind: [{"part": "head", "filter": None, "reason": "no filter has this as its part"},
+                         {"part": "tail", "filter": 3, "group": 0, "group_size": 6, "instability": 0.05,
+                          "hit_rate": 0.5}] for kind in ("explainer", "performer")},
+    }
+    text = write_report(tmp_path, metrics).read_text()
+    assert "<td>3, 3×1</td><td>6</td>" in text  # group sizes, largest first, runs as n×s
+    assert "<td>legs 4, head 2</td>" not in text and "<td>head 2, legs 4</td><td>tail 6</td>" in text
+    assert "<td>Location instability</td><td>not measured</td>" in text and "needs landmark annotations" in text
+    assert "<td class='not'>not measured</td>" in text and "class='fail'" not in text
+    assert text.count("distinct filters for <b>1 of 2</b> parts") == 2 and "none: no filter has this as its part" in text
