@@ -1,0 +1,400 @@
+"""Randomised cases for every kernel against the reference (issue 12 item 7).
+
+``FASTEXPLAIN_FUZZ_CASES`` (default 25) is the number of cases of each CPU fuzz test — the fused filter
+loss, the fused mask and the distributed local passes; the Triton kernels (under TRITON_INTERPRET=1 when
+there is no GPU) get ``max(2, FASTEXPLAIN_FUZZ_CASES // 20)`` small cases each. ``FASTEXPLAIN_FUZZ_SEED``
+(default 0) picks another set of cases; a case is reproduced from its test id (kind and index) and the
+seed alone. For a long run:
+
+    FASTEXPLAIN_FUZZ_CASES=10000 OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_fuzz.py -q -x
+
+What a case draws: B and C in 1 … 70, H and W in 1 … 40 (independently: most maps are not square), with
+B·C·HW·(HW+1) capped so that the float64 reference stays fast (large maps come with small batches);
+the dtype (fp16, bf16, fp32, fp64); the layout (contiguous, channels_last, H/W transposed view, strided
+slice, B/C transposed view); the activation scale, log-uniform in 1e-6 … 1e4; the pattern (dense,
+sparse, all-zero, one-hot, tied values, constant maps, the same image repeated, or a bad value: NaN, Inf
+or a negative number, which must raise the shared one-line error); β ∈ {1, 2.5, 4, 7}.
+
+Criteria (the truth is the float64 reference on the same, already rounded, inputs):
+
+* always: the results are finite, have the documented dtype and shape;
+* float64: loss within 1e-9 and gradient within 1e-7 of the largest truth value (the distributed local
+  passes: 1e-10 for both, issue 12 item 4);
+* fp32/fp16/bf16 (computed in float32): the error is at most max(4 × the error of the reference backend
+  run on the same input in the same dtype, 1e-4 × the largest truth value, an absolute floor of
+  4·eps·max(1, log B) for the loss), i.e. the fused kernels are never much worse than the reference's own
+  float32 numerics, which lose accuracy as the activation scale grows (docs/numerics.md); gradients
+  returned in fp16/bf16 also get the rounding of that dtype (one ulp plus its smallest subnormal);
+* the mask: the same output and gradient as the reference (to the rounding of the dtype).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastexplain
+from fastexplain.distributed import grad_from_passes, loss_from_passes
+from fastexplain.ops import _registry, reference
+from fastexplain.ops._checks import negative_message, nonfinite_message
+from fastexplain.ops.local_passes import local_passes
+
+FUZZ_CASES = int(os.environ.get("FASTEXPLAIN_FUZZ_CASES", "25"))
+FUZZ_SEED = int(os.environ.get("FASTEXPLAIN_FUZZ_SEED", "0"))
+TRITON_CASES = max(2, FUZZ_CASES // 20)
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LAYOUTS = ("contiguous", "channels_last", "hw_transposed", "strided", "bc_transposed")
+PATTERNS = ("dense", "sparse", "zeros", "one_hot", "tied", "constant", "same_image")
+BAD_VALUES = (float("nan"), float("inf"), -float("inf"), -1.0)
+BETAS = (4.0, 4.0, 4.0, 1.0, 2.5, 7.0)
+# B·C·HW·(HW+1): the float64 reference's template product per case (~0.1 s at the cap on one core)
+MAX_WORK = 1.5e8
+
+
+def _unavailable(name: str) -> str | None:
+    return _registry.unavailable_reason(name)
+
+
+CPU_REASON = _unavailable("cpu")
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    C: int
+    H: int
+    W: int
+    dtype: torch.dtype
+    layout: str
+    pattern: str
+    scale: float
+    beta: float
+    seed: int
+    bad: float | None = None
+
+    def __str__(self) -> str:
+        return (f"B={self.B} C={self.C} H={self.H} W={self.W} {str(self.dtype)[6:]} {self.layout} {self.pattern} "
+                f"scale={self.scale:.3g} beta={self.beta} seed={self.seed} bad={self.bad}")
+
+
+def _size(rng: random.Random, high: int) -> int:
+    """1 … high, small sizes more often (edge cases), large ones still drawn."""
+    return rng.randint(1, high) if rng.random() < 0.5 else rng.randint(1, min(high, 8))
+
+
+def draw_case(kind: str, index: int, *, max_size: int = 70, max_side: int = 40, max_work: float = MAX_WORK,
+              min_batch: int = 1, bad_fraction: float = 0.0) -> Case:
+    rng = random.Random(f"{kind}/{FUZZ_SEED}/{index}")
+    H = _size(rng, max_side)
+    W = H if rng.random() < 0.25 else _size(rng, max_side)
+    B, C = max(min_batch, _size(rng, max_size)), _size(rng, max_size)
+    HW = H * W
+    while B * C * HW * (HW + 1) > max_work and (B > min_batch or C > 1):
+        if B > min_batch and (B >= C or C == 1):
+            B = max(min_batch, B // 2)
+        else:
+            C = max(1, C // 2)
+    bad = rng.choice(BAD_VALUES) if rng.random() < bad_fraction else None
+    return Case(B=B, C=C, H=H, W=W, dtype=rng.choice(DTYPES), layout=rng.choice(LAYOUTS),
+                pattern=rng.choice(PATTERNS), scale=10.0 ** rng.uniform(-6, 4), beta=rng.choice(BETAS),
+                seed=rng.randrange(2 ** 31), bad=bad)
+
+
+def make_maps(case: Case, *, signed: bool = False, device: str = "cpu") -> torch.Tensor:
+    """The case's [B, C, H, W] maps in its dtype and layout (values ≥ 0 unless signed or bad)."""
+    g = torch.Generator().manual_seed(case.seed)
+    shape = (case.B, case.C, case.H, case.W)
+    uniform = torch.rand(shape, generator=g, dtype=torch.float64)
+    if case.pattern == "dense":
+        base = uniform
+    elif case.pattern == "sparse":
+        base = uniform * (torch.rand(shape, generator=g, dtype=torch.float64) > 0.85)
+    elif case.pattern == "zeros":
+        base = torch.zeros(shape, dtype=torch.float64)
+    elif case.pattern == "one_hot":
+        base = torch.zeros(case.B * case.C, case.H * case.W, dtype=torch.float64)
+        hot = torch.randint(case.H * case.W, (case.B * case.C,), generator=g)
+        base[torch.arange(case.B * case.C), hot] = 1.0
+        base = base.reshape(shape)
+    elif case.pattern == "tied":
+        base = torch.floor(uniform * 3) / 2  # 0, 0.5, 1: many equal values, several equal maxima
+    elif case.pattern == "constant":
+        base = torch.rand(case.B, case.C, 1, 1, generator=g, dtype=torch.float64).expand(shape).clone()
+    else:  # same_image: every image of the batch equal (MI = 0)
+        base = uniform[:1].expand(shape).clone()
+    if signed:
+        base = base * 2 - torch.rand(shape, generator=g, dtype=torch.float64)
+    x = base * case.scale
+    if case.dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    if case.bad is not None:
+        flat = x.view(-1)
+        flat[int(torch.randint(flat.numel(), (1,), generator=g))] = case.bad
+    x = x.to(case.dtype).to(device)
+    return _layout(x, case.layout)
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "hw_transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "bc_transposed":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "strided":
+        B, C, H, W = x.shape
+        holder = torch.zeros(B, C, H, 2 * W, dtype=x.dtype, device=x.device)
+        holder[..., ::2] = x
+        return holder[..., ::2]
+    return x
+
+
+def _loss_and_grad(fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = x.detach().requires_grad_(True)
+    loss = fn(leaf)
+    (loss * weights.to(loss.dtype)).sum().backward()
+    return loss.detach(), leaf.grad
+
+
+def _error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((actual.double() - truth.double()).abs().max())
+
+
+def _reference_loss(beta: float):
+    return lambda t: reference.filter_loss_per_filter(t, beta)
+
+
+def check_loss_and_grad(case: Case, x: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor, *,
+                        float64_loss_tol: float, float64_grad_tol: float) -> None:
+    """The criteria of the module docstring, for a loss [C] and gradient computed from x."""
+    assert loss.shape == (case.C,) and grad.shape == x.shape, case
+    assert loss.dtype == reference.compute_dtype(x) and grad.dtype == x.dtype, case
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), f"non-finite result: {case}"
+    weights = _weights(case)
+    truth_loss, truth_grad = _loss_and_grad(_reference_loss(case.beta), x.double().contiguous(), weights)
+    loss_error, grad_error = _error(loss, truth_loss), _error(grad, truth_grad)
+    loss_scale, grad_scale = float(truth_loss.abs().max()), float(truth_grad.abs().max())
+    # Resolution floors: rounding x to the compute dtype moves every logit s = T·x by up to ~eps·max|s|,
+    # max|s| ≤ τ·Σ_i x(i) ≤ max|x| / 2, so the loss by ~eps·max|s| and ∂loss/∂x by ~eps·τ·max|s| / B·max w.
+    eps = torch.finfo(reference.compute_dtype(x)).eps
+    logit_scale = 0.5 * float(x.double().abs().max())
+    tau = 0.5 / (case.H * case.W)
+    loss_floor = 4 * eps * (max(1.0, math.log(case.B)) + logit_scale)
+    grad_floor = 16 * eps * tau * max(logit_scale, 1e-300) / case.B * float(weights.max())
+    if case.dtype == torch.float64:
+        loss_bound = float64_loss_tol * loss_scale + loss_floor
+        grad_bound = float64_grad_tol * grad_scale + grad_floor
+    else:
+        ref_loss, ref_grad = _loss_and_grad(_reference_loss(case.beta), x, weights)
+        loss_bound = max(4 * _error(ref_loss, truth_loss), 1e-4 * loss_scale, loss_floor)
+        grad_bound = max(4 * _error(ref_grad.double(), truth_grad), 1e-4 * grad_scale, grad_floor)
+        if case.dtype != torch.float32:  # the gradient is returned rounded to fp16/bf16
+            info = torch.finfo(case.dtype)
+            grad_bound += info.eps * grad_scale + 2 * info.smallest_normal * info.eps
+    assert loss_error <= loss_bound, f"loss error {loss_error:.3e} > {loss_bound:.3e} (max {loss_scale:.3e}): {case}"
+    assert grad_error <= grad_bound, f"grad error {grad_error:.3e} > {grad_bound:.3e} (max {grad_scale:.3e}): {case}"
+
+
+def _weights(case: Case) -> torch.Tensor:
+    return torch.rand(case.C, generator=torch.Generator().manual_seed(case.seed + 1), dtype=torch.float64) + 0.5
+
+
+def expect_value_error(case: Case, call) -> None:
+    """A NaN/Inf/negative value: the shared one-line ValueError, never a silent NaN."""
+    expected = nonfinite_message("filter_loss") if case.bad != -1.0 else negative_message("filter_loss")
+    with pytest.raises(ValueError) as error:
+        call()
+    message = str(error.value)
+    assert expected in message and "\n" not in message.strip(), f"{message!r}: {case}"
+
+
+# ----------------------------------------------------------------------------------------- filter loss
+@needs_cpu
+@pytest.mark.parametrize("index", range(FUZZ_CASES))
+def test_filter_loss_fuzz(index: int) -> None:
+    """The fused CPU filter loss (forward + backward) against the reference."""
+    case = draw_case("filter_loss", index, bad_fraction=0.1)
+    x = make_maps(case)
+    run = lambda t: fastexplain.filter_loss(t, beta=case.beta, reduction="none", backend="cpu")  # noqa: E731
+    if case.bad is not None:
+        expect_value_error(case, lambda: run(x))
+        return
+    loss, grad = _loss_and_grad(run, x, _weights(case))
+    check_loss_and_grad(case, x, loss, grad, float64_loss_tol=1e-9, float64_grad_tol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ mask
+def _check_mask(case: Case, x: torch.Tensor, backend: str, relu: bool, center: str, scale: str | None) -> None:
+    op = fastexplain.relu_template_mask if relu else fastexplain.template_mask
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed + 2),
+                         dtype=torch.float64).to(case.dtype).to(x.device)
+    results = {}
+    for name in (backend, "reference"):
+        # fused kernels compute fp16/bf16 in float32 and round once: compare with the float32 reference
+        # rounded once (the reference in fp16 rounds, and underflows, at every step)
+        low = name == "reference" and case.dtype in (torch.float16, torch.bfloat16)
+        leaf = (x.float() if low else x).detach().requires_grad_(True)
+        y = op(leaf, beta=case.beta, center=center, scale=scale, backend=name)
+        (dx,) = torch.autograd.grad(y, leaf, grad_y.float() if low else grad_y)
+        results[name] = (y.detach().to(case.dtype), dx.to(case.dtype))
+    (y, dx), (ref_y, ref_dx) = results[backend], results["reference"]
+    detail = f"relu={relu} center={center} scale={scale}: {case}"
+    assert y.shape == x.shape and y.dtype == x.dtype and dx.dtype == x.dtype, detail
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all(), f"non-finite result: {detail}"
+    # masks differ from the reference's rounding only where 1 − β·d/n ≈ 0 (a few ulp of the compute dtype);
+    # fp16/bf16 results may differ by one rounding of their dtype (and its smallest subnormal)
+    info = torch.finfo(case.dtype)
+    tol = {torch.float16: info.eps, torch.bfloat16: info.eps, torch.float32: 2e-6, torch.float64: 1e-12}[case.dtype]
+    floor = 2 * info.smallest_normal * info.eps if case.dtype in (torch.float16, torch.bfloat16) else 1e-300
+    for name, actual, expected in (("y", y, ref_y), ("dx", dx, ref_dx)):
+        scale_of = float(expected.double().abs().max())
+        error = _error(actual, expected)
+        assert error <= tol * scale_of + floor, f"{name} error {error:.3e} (max {scale_of:.3e}): {detail}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("index", range(FUZZ_CASES))
+def test_mask_fuzz(index: int) -> None:
+    """The fused CPU ReLU + mask and mask (forward + backward) against the reference."""
+    case = draw_case("mask", index, max_work=float("inf"))
+    rng = random.Random(case.seed)
+    relu, center, scale = rng.random() < 0.5, rng.choice(("argmax", "centroid")), rng.choice((None, "tau"))
+    _check_mask(case, make_maps(case, signed=True), "cpu", relu, center, scale)
+
+
+# ------------------------------------------------------------------------------ distributed local passes
+class InProcessGroup:
+    """All-reduce between threads, one per simulated rank: the same values on every rank (stack, then
+    sum or max over ranks in rank order), like a process group's all-reduce."""
+
+    def __init__(self, ranks: int) -> None:
+        self.barrier = threading.Barrier(ranks, timeout=300)
+        self.slots: list[torch.Tensor | None] = [None] * ranks
+
+    def reducer(self, rank: int):
+        def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            stacked = torch.stack(self.slots)  # type: ignore[arg-type]
+            result = stacked.sum(dim=0) if op == "sum" else stacked.amax(dim=0)
+            self.barrier.wait()
+            return result
+        return all_reduce
+
+
+def simulate_ranks(chunks: list[torch.Tensor], beta: float, backend: str,
+                   weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | BaseException]:
+    """(loss [C], ∂(Σ_c w_c loss_c)/∂x_r) on every simulated rank, from fastexplain.distributed's own
+    assembly (loss_from_passes, grad_from_passes) and the backend's local passes."""
+    group = InProcessGroup(len(chunks))
+    outcome: list = [None] * len(chunks)
+
+    def run(rank: int) -> None:
+        try:
+            passes = local_passes(_registry.load(backend), chunks[rank], beta)
+            reduce = group.reducer(rank)
+            loss, n_total = loss_from_passes(passes, chunks[rank].shape[0], reduce)
+            grad = grad_from_passes(passes, n_total, weights.to(loss.dtype), reduce)
+            outcome[rank] = (loss, grad.to(chunks[rank].dtype))
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            if not isinstance(error, ValueError):  # bad inputs make every rank raise in step: no abort
+                group.barrier.abort()             # anything else: release the other ranks
+            outcome[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(chunks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcome
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def _split(case: Case, ranks: int, rng: random.Random) -> list[int]:
+    """Random sizes ≥ 1 that add up to B."""
+    cuts = sorted(rng.sample(range(1, case.B), ranks - 1)) if ranks > 1 else []
+    bounds = [0, *cuts, case.B]
+    return [bounds[i + 1] - bounds[i] for i in range(ranks)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("index", range(FUZZ_CASES))
+def test_local_passes_fuzz(index: int) -> None:
+    """1–4 simulated ranks with uneven shares (some of one image) running the fused local passes: the
+    global loss and gradient equal the single-process reference on the concatenated batch."""
+    case = draw_case("local_passes", index, min_batch=2, bad_fraction=0.05)
+    rng = random.Random(case.seed)
+    ranks = rng.randint(1, min(4, case.B))
+    x = make_maps(case)
+    chunks = list(x.split(_split(case, ranks, rng)))
+    outcome = simulate_ranks(chunks, case.beta, "cpu", _weights(case))
+    if case.bad is not None:
+        for result in outcome:
+            assert isinstance(result, ValueError), f"{result!r}: {case}"
+        expect_value_error(case, lambda: _raise(outcome[0]))
+        return
+    for result in outcome:
+        if isinstance(result, BaseException):
+            raise result
+    losses = [result[0] for result in outcome]
+    for loss in losses[1:]:
+        assert torch.equal(loss, losses[0]), f"ranks disagree on the loss: {case}"
+    grad = torch.cat([result[1] for result in outcome])
+    check_loss_and_grad(case, x, losses[0], grad, float64_loss_tol=1e-10, float64_grad_tol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+TRITON_REASON = _unavailable("triton")
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+
+
+def _triton_device() -> str:
+    return "cuda" if "cuda" in _registry.load("triton").device_types else "cpu"
+
+
+@needs_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("index", range(TRITON_CASES))
+def test_triton_filter_loss_fuzz(index: int) -> None:
+    """The Triton filter loss (interpreted on CPU without a GPU) on small random cases, both its forms."""
+    from fastexplain.ops import triton_filter_loss
+
+    case = draw_case("triton_filter_loss", index, max_size=9, max_side=9, bad_fraction=0.1)
+    x = make_maps(case, device=_triton_device())
+    run = lambda t: fastexplain.filter_loss(t, beta=case.beta, reduction="none", backend="triton")  # noqa: E731
+    if case.bad is not None:
+        expect_value_error(case, lambda: run(x))
+        return
+    forms = getattr(triton_filter_loss, "FORMS", ("dense",))
+    for form in forms:
+        with triton_filter_loss.use_form(form) if hasattr(triton_filter_loss, "use_form") else _nothing():
+            loss, grad = _loss_and_grad(run, x, _weights(case))
+        check_loss_and_grad(case, x.cpu(), loss.cpu(), grad.cpu(), float64_loss_tol=1e-9, float64_grad_tol=1e-7)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@needs_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("index", range(TRITON_CASES))
+def test_triton_mask_fuzz(index: int) -> None:
+    case = draw_case("triton_mask", index, max_size=9, max_side=12)
+    rng = random.Random(case.seed)
+    relu, center, scale = rng.random() < 0.5, rng.choice(("argmax", "centroid")), rng.choice((None, "tau"))
+    _check_mask(case, make_maps(case, signed=True, device=_triton_device()), "triton", relu, center, scale)
