@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -229,6 +230,36 @@ F filter_forward(const LossGeometry& g, Workspace<F>& ws, F* lme, F* v) {
   return static_cast<F>(-(conditional - marginal / static_cast<double>(B)));
 }
 
+// A float32 filter whose logits can reach |s| ≳ kWideLogitBound is computed in double (issue 12): float32 rounds
+// each logit to ~6e-8·|s| absolute, and the loss (at most log B, often ~0.1 at large scale) inherits that error,
+// about 2e-3 relative at activation scale 1e4. The bound is τ·max_b Σ_i |x_b(i) − mean_b x(i)| ≥ max |s − mean_b s|,
+// computed from the centred maps the float pass already holds; unit-scale maps give ~0.2, so the float path
+// runs for them.
+// FASTEXPLAIN_CPU_WIDE_BOUND overrides it (0 computes every float32 filter in double; for tests and measurements).
+constexpr double kWideLogitBound = 8.0;
+
+double wide_logit_bound() {
+  const char* value = std::getenv("FASTEXPLAIN_CPU_WIDE_BOUND");
+  if (value == nullptr || *value == '\0') return kWideLogitBound;
+  char* end = nullptr;
+  const double bound = std::strtod(value, &end);
+  TORCH_CHECK_VALUE(end != value && *end == '\0' && bound >= 0, "FASTEXPLAIN_CPU_WIDE_BOUND must be a number ≥ 0, got '",
+                    value, "'");
+  return bound;
+}
+
+template <typename F>
+double logit_bound(const LossGeometry& g, const F* maps) {
+  F largest = F(0);
+  std::vector<F> totals(g.B, F(0));
+  for (int64_t i = 0; i < g.HW; ++i) {
+    const F* __restrict column = maps + i * g.B;
+    for (int64_t b = 0; b < g.B; ++b) totals[b] += std::abs(column[b]);
+  }
+  for (int64_t b = 0; b < g.B; ++b) largest = std::max(largest, totals[b]);
+  return g.tau * static_cast<double>(largest);
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double beta) {
   using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -243,8 +274,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
   F* lme_data = lme.data_ptr<F>();
   F* v_data = v.data_ptr<F>();
   std::atomic<bool> any_nonfinite{false}, any_negative{false};
+  const double wide_bound = wide_logit_bound();
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     Workspace<F> ws(g, plan);
+    std::unique_ptr<Workspace<double>> wide;  // the double workspace of large-scale float filters, made on demand
+    std::vector<double> wide_lme, wide_v;
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;
       gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
@@ -253,6 +287,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
         if (nonfinite) any_nonfinite = true;
         if (negative) any_negative = true;
         continue;
+      }
+      if constexpr (!std::is_same_v<F, double>) {
+        if (logit_bound(g, ws.maps.data()) > wide_bound) {
+          if (!wide) {
+            wide = std::make_unique<Workspace<double>>(g, plan);
+            wide_lme.resize(2 * g.T);
+            wide_v.resize(g.B);
+          }
+          gather_centred_maps(x_data, g, c, wide->pyramid.data(), wide->image_rows.data(), wide->maps.data(), false,
+                              nonfinite, negative);
+          loss_data[c] = static_cast<F>(filter_forward(g, *wide, wide_lme.data(), wide_v.data()));
+          // lme_t = centre + log_mean is saved as two floats: the rounded centre, and log_mean plus the centre's
+          // rounding residue, so that the backward pass rebuilds u = (s − lme0) − lme1 in double to ~1e-7 of |lme1|.
+          for (int64_t t = 0; t < g.T; ++t) {
+            const F high = static_cast<F>(wide_lme[t]);
+            lme_data[c * 2 * g.T + t] = high;
+            lme_data[c * 2 * g.T + g.T + t] =
+                static_cast<F>(wide_lme[g.T + t] + (wide_lme[t] - static_cast<double>(high)));
+          }
+          for (int64_t b = 0; b < g.B; ++b) v_data[c * g.B + b] = static_cast<F>(wide_v[b]);
+          continue;
+        }
       }
       loss_data[c] = filter_forward(g, ws, lme_data + c * 2 * g.T, v_data + c * g.B);
     }
@@ -348,12 +404,30 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
   const F* grad_data = grad_c.const_data_ptr<F>();
   const F* lme_data = lme_c.const_data_ptr<F>();
   const F* v_data = v_c.const_data_ptr<F>();
+  const double wide_bound = wide_logit_bound();
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     Workspace<F> ws(g, plan);
+    std::unique_ptr<Workspace<double>> wide;  // filters the forward pass computed in double are differentiated in double
+    std::vector<double> wide_lme, wide_v;
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;  // checked by the forward pass
       gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), false, nonfinite,
                           negative);
+      if constexpr (!std::is_same_v<F, double>) {
+        if (logit_bound(g, ws.maps.data()) > wide_bound) {  // the forward pass's decision, from the same values
+          if (!wide) {
+            wide = std::make_unique<Workspace<double>>(g, plan);
+            wide_lme.resize(2 * g.T);
+            wide_v.resize(g.B);
+          }
+          gather_centred_maps(x_data, g, c, wide->pyramid.data(), wide->image_rows.data(), wide->maps.data(), false,
+                              nonfinite, negative);
+          for (int64_t t = 0; t < 2 * g.T; ++t) wide_lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
+          for (int64_t b = 0; b < g.B; ++b) wide_v[b] = static_cast<double>(v_data[c * g.B + b]);
+          filter_backward(g, *wide, static_cast<double>(grad_data[c]), wide_lme.data(), wide_v.data(), dx_data, c);
+          continue;
+        }
+      }
       filter_backward(g, ws, grad_data[c], lme_data + c * 2 * g.T, v_data + c * g.B, dx_data, c);
     }
   });

@@ -10,4 +10,9 @@ TORCH_LIBRARY(fastexplain, m) {
   // y = relu?(x)·m (·τ), clamped at 0, and the peak index per (image, filter) [B, C] (int64).
   m.def("template_mask_forward(Tensor x, float beta, str center, bool tau_scale, bool relu) -> (Tensor, Tensor)");
   m.def("template_mask_backward(Tensor grad_y, Tensor x, Tensor peaks, float beta, bool tau_scale, bool relu) -> Tensor");
+  // The same mask saving only what the backward pass needs (issue 12): y (in x's memory format), the peaks and the
+  // kept positions 1[relu?(x)·m > 0] as bits, [B, C, ⌈HW/16⌉] int16 (16 per word along the row-major map);
+  // the backward pass reads grad_y, the peaks and the bits, not x.
+  m.def("template_mask_forward_bits(Tensor x, float beta, str center, bool tau_scale, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("template_mask_backward_bits(Tensor grad_y, Tensor peaks, Tensor keep, float beta, bool tau_scale) -> Tensor");
 }

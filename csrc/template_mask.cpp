@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastexplain {
 namespace {
 
@@ -172,6 +176,185 @@ void forward_maps(const scalar_t* x_data, const MaskGeometry& g, const MaskSourc
   }
 }
 
+// Where one tensor's maps live: strides of an [B, C, H, W] tensor and whether every map is one dense row-major block.
+struct MapLayout {
+  int64_t sB, sC, sH, sW;
+  bool dense;
+  MapLayout(const at::Tensor& t)
+      : sB(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)),
+        dense((t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) == t.size(3))) {}
+  int64_t offset(int64_t b, int64_t c) const { return b * sB + c * sC; }
+};
+
+// The kept positions of the masked output, 1[relu?(x)·m > 0], packed 16 per uint16 word along the row-major map
+// (kWordBits bits, the map padded to whole words): all the backward pass needs besides the peak (1/32 of the
+// tensor's bytes for float32, instead of saving x).
+constexpr int64_t kWordBits = 16;
+inline int64_t words_per_map(int64_t HW) { return (HW + kWordBits - 1) / kWordBits; }
+
+// y = max(relu?(x)·m, 0) of one map into a dense output row and its keep bits. AVX-512 for float32, else scalar.
+template <bool kRelu, typename scalar_t, typename F>
+inline void masked_row(const F* __restrict map, const F* __restrict mask, int64_t HW, scalar_t* __restrict out,
+                       uint16_t* __restrict keep) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<F, float>) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t k = 0; k * kWordBits < HW; ++k) {
+      const int64_t i = k * kWordBits;
+      const __mmask16 lanes = HW - i >= kWordBits ? __mmask16(0xFFFF) : __mmask16((1u << (HW - i)) - 1u);
+      __m512 value = _mm512_maskz_loadu_ps(lanes, map + i);
+      if constexpr (kRelu) value = _mm512_max_ps(value, zero);
+      const __m512 product = _mm512_mul_ps(value, _mm512_maskz_loadu_ps(lanes, mask + i));
+      const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, product, zero, _CMP_GT_OQ);
+      _mm512_mask_storeu_ps(out + i, lanes, _mm512_maskz_mov_ps(kept, product));
+      keep[k] = static_cast<uint16_t>(kept);
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k * kWordBits < HW; ++k) {
+    const int64_t i0 = k * kWordBits, i1 = std::min(HW, i0 + kWordBits);
+    uint32_t word = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const F value = kRelu ? (map[i] > F(0) ? map[i] : F(0)) : map[i];
+      const F product = value * mask[i];
+      const bool kept = product > F(0);
+      out[i] = static_cast<scalar_t>(kept ? product : F(0));
+      word |= static_cast<uint32_t>(kept) << (i - i0);
+    }
+    keep[k] = static_cast<uint16_t>(word);
+  }
+}
+
+// dx = grad_y·m where the keep bit is set, else 0, for one map (dense rows).
+template <typename scalar_t, typename F>
+inline void masked_grad_row(const scalar_t* __restrict grad, const F* __restrict mask, const uint16_t* __restrict keep,
+                            int64_t HW, scalar_t* __restrict dx) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<F, float>) {
+    for (int64_t k = 0; k * kWordBits < HW; ++k) {
+      const int64_t i = k * kWordBits;
+      const __mmask16 lanes = HW - i >= kWordBits ? __mmask16(0xFFFF) : __mmask16((1u << (HW - i)) - 1u);
+      const __mmask16 kept = static_cast<__mmask16>(keep[k]) & lanes;
+      const __m512 product = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(kept, grad + i),
+                                                 _mm512_maskz_loadu_ps(kept, mask + i));
+      _mm512_mask_storeu_ps(dx + i, lanes, product);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < HW; ++i) {
+    const bool kept = (keep[i / kWordBits] >> (i % kWordBits)) & 1u;
+    dx[i] = static_cast<scalar_t>(kept ? static_cast<F>(grad[i]) * mask[i] : F(0));
+  }
+}
+
+// The maps begin … end−1 (flat index b·C + c) of the bit-mask forward pass: y in y's layout, peaks, keep bits.
+template <bool kRelu, typename scalar_t, typename F>
+void forward_maps_bits(const scalar_t* x_data, const MaskGeometry& g, const MaskSource<F>& masks, bool centroid,
+                       int64_t begin, int64_t end, scalar_t* y_data, const MapLayout& y_layout, int64_t* peak_data,
+                       uint16_t* keep_data, std::atomic<bool>& found_nonfinite) {
+  const int64_t words = words_per_map(g.HW);
+  std::vector<F> map_buffer(g.HW), mask_buffer(masks.table.empty() ? g.HW : 0);
+  std::vector<scalar_t> out_buffer(y_layout.dense ? 0 : g.HW);
+  int64_t b = begin / g.C, c = begin % g.C;
+  for (int64_t bc = begin; bc < end; ++bc, ++c) {
+    if (c == g.C) {
+      c = 0;
+      ++b;
+    }
+    const F* __restrict map = image_values(x_data + b * g.sB + c * g.sC, g, map_buffer.data());
+    bool nonfinite = false;
+    const F best_value = check_and_max(map, g.HW, kRelu, nonfinite);
+    if (nonfinite) {
+      found_nonfinite = true;
+      continue;
+    }
+    const int64_t peak = peak_index(map, best_value, g, centroid, kRelu);
+    peak_data[bc] = peak;
+    const F* __restrict mask = masks(peak, mask_buffer.data());
+    scalar_t* out = y_layout.dense ? y_data + y_layout.offset(b, c) : out_buffer.data();
+    masked_row<kRelu>(map, mask, g.HW, out, keep_data + bc * words);
+    if (!y_layout.dense) {
+      scalar_t* target = y_data + y_layout.offset(b, c);
+      for (int64_t r = 0; r < g.H; ++r)
+        for (int64_t col = 0; col < g.W; ++col) target[r * y_layout.sH + col * y_layout.sW] = out[r * g.W + col];
+    }
+  }
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_bits_typed(const at::Tensor& x, double beta, bool centroid,
+                                                                  bool tau_scale, bool relu) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const MaskGeometry g(x, tau_scale);
+  // The output keeps x's memory format (channels_last in, channels_last out), as the reference's x·m does.
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Preserve);
+  const MapLayout y_layout(y);
+  at::Tensor peaks = at::empty({g.B, g.C}, x.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({g.B, g.C, words_per_map(g.HW)}, x.options().dtype(at::kShort));
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  scalar_t* y_data = y.data_ptr<scalar_t>();
+  int64_t* peak_data = peaks.data_ptr<int64_t>();
+  uint16_t* keep_data = reinterpret_cast<uint16_t*>(keep.data_ptr<int16_t>());
+  std::atomic<bool> found_nonfinite{false};
+  const MaskSource<F> masks(g, beta);
+  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
+    if (relu)
+      forward_maps_bits<true>(x_data, g, masks, centroid, begin, end, y_data, y_layout, peak_data, keep_data,
+                              found_nonfinite);
+    else
+      forward_maps_bits<false>(x_data, g, masks, centroid, begin, end, y_data, y_layout, peak_data, keep_data,
+                               found_nonfinite);
+  });
+  TORCH_CHECK_VALUE(!found_nonfinite.load(), op_name(relu),
+                    ": the input contains NaN or Inf; check the layer that produced it (or lower the learning rate)");
+  return {y, peaks, keep};
+}
+
+// dx = grad_y · m where the forward pass kept the position (relu?(x)·m > 0), else 0 (SPEC §3); dx takes grad_y's
+// memory format. Reads grad_y, the peaks and the bits: x is not needed.
+template <typename scalar_t>
+at::Tensor backward_bits_typed(const at::Tensor& grad_y, const at::Tensor& peaks, const at::Tensor& keep, double beta,
+                               bool tau_scale) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const MaskGeometry g(grad_y, tau_scale);
+  const MapLayout grad_layout(grad_y);
+  at::Tensor dx = at::empty_like(grad_y, at::MemoryFormat::Preserve);
+  const MapLayout dx_layout(dx);
+  const at::Tensor peak_index = peaks.to(at::kLong).contiguous();
+  const at::Tensor keep_bits = keep.contiguous();
+  const scalar_t* grad_data = grad_y.const_data_ptr<scalar_t>();
+  const int64_t* peak_data = peak_index.const_data_ptr<int64_t>();
+  const uint16_t* keep_data = reinterpret_cast<const uint16_t*>(keep_bits.const_data_ptr<int16_t>());
+  scalar_t* dx_data = dx.data_ptr<scalar_t>();
+  const int64_t words = words_per_map(g.HW);
+  const MaskSource<F> masks(g, beta);
+  at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
+    std::vector<F> mask_buffer(masks.table.empty() ? g.HW : 0);
+    std::vector<scalar_t> grad_buffer(grad_layout.dense ? 0 : g.HW), dx_buffer(dx_layout.dense ? 0 : g.HW);
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / g.C, c = bc % g.C;
+      const scalar_t* grad = grad_data + grad_layout.offset(b, c);
+      if (!grad_layout.dense) {
+        for (int64_t r = 0; r < g.H; ++r)
+          for (int64_t col = 0; col < g.W; ++col)
+            grad_buffer[r * g.W + col] = grad[r * grad_layout.sH + col * grad_layout.sW];
+        grad = grad_buffer.data();
+      }
+      const F* __restrict mask = masks(peak_data[bc], mask_buffer.data());
+      scalar_t* out = dx_layout.dense ? dx_data + dx_layout.offset(b, c) : dx_buffer.data();
+      masked_grad_row(grad, mask, keep_data + bc * words, g.HW, out);
+      if (!dx_layout.dense) {
+        scalar_t* target = dx_data + dx_layout.offset(b, c);
+        for (int64_t r = 0; r < g.H; ++r)
+          for (int64_t col = 0; col < g.W; ++col) target[r * dx_layout.sH + col * dx_layout.sW] = out[r * g.W + col];
+      }
+    }
+  });
+  return dx;
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double beta, bool centroid, bool tau_scale,
                                                  bool relu) {
@@ -269,10 +452,36 @@ at::Tensor template_mask_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                          [&] { return backward_typed<scalar_t>(grad_y, x, peaks, beta, tau_scale, relu); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> template_mask_forward_bits(const at::Tensor& x, double beta,
+                                                                         c10::string_view center, bool tau_scale,
+                                                                         bool relu) {
+  check_mask_input(x, relu);
+  TORCH_CHECK_VALUE(beta > 0 && std::isfinite(beta), op_name(relu), ": beta must be a finite positive number, got ",
+                    beta);
+  TORCH_CHECK_VALUE(center == "argmax" || center == "centroid", op_name(relu),
+                    ": center must be 'argmax' or 'centroid', got '", std::string(center), "'");
+  const bool centroid = center == "centroid";
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "template_mask_forward_bits",
+                                         [&] { return forward_bits_typed<scalar_t>(x, beta, centroid, tau_scale, relu); });
+}
+
+at::Tensor template_mask_backward_bits(const at::Tensor& grad_y, const at::Tensor& peaks, const at::Tensor& keep,
+                                       double beta, bool tau_scale) {
+  check_mask_input(grad_y, false);
+  const int64_t B = grad_y.size(0), C = grad_y.size(1), HW = grad_y.size(2) * grad_y.size(3);
+  TORCH_CHECK_VALUE(peaks.numel() == B * C && keep.numel() == B * C * words_per_map(HW) &&
+                        keep.scalar_type() == at::kShort,
+                    "template_mask: grad_y/peaks/keep do not match; pass the outputs of template_mask_forward_bits(x)");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "template_mask_backward_bits",
+                                         [&] { return backward_bits_typed<scalar_t>(grad_y, peaks, keep, beta, tau_scale); });
+}
+
 }  // namespace
 }  // namespace fastexplain
 
 TORCH_LIBRARY_IMPL(fastexplain, CPU, m) {
   m.impl("template_mask_forward", &fastexplain::template_mask_forward);
   m.impl("template_mask_backward", &fastexplain::template_mask_backward);
+  m.impl("template_mask_forward_bits", &fastexplain::template_mask_forward_bits);
+  m.impl("template_mask_backward_bits", &fastexplain::template_mask_backward_bits);
 }

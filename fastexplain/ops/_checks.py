@@ -46,9 +46,22 @@ def negative_message(op: str) -> str:
             f"(x ≥ 0); apply torch.relu first")
 
 
+def has_values(x: Tensor) -> bool:
+    """False for tensors without data to read: ``meta`` tensors and FakeTensors (shape inference only)."""
+    if x.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(x)
+
+
 def check_values(x: Tensor, op: str, *, nonnegative: bool) -> None:
-    """NaN/Inf (and, for the filter loss, negative values): one read of x, skipped while compiling."""
-    if torch.compiler.is_compiling():
+    """NaN/Inf (and, for the filter loss, negative values): one read of x.
+
+    Skipped while compiling and on tensors without values (``meta`` and fake tensors), where only the
+    shapes and dtypes are inferred, as for ``torch.ops.fastexplain.*`` under FakeTensorMode.
+    """
+    if torch.compiler.is_compiling() or not has_values(x):
         return
     low, high = torch.aminmax(x.detach())  # both NaN when any element is NaN
     low, high = float(low), float(high)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 ENV_VAR = "FASTEXPLAIN_BACKEND"
@@ -81,9 +82,21 @@ def availability() -> dict[str, str | None]:
 
 
 def select(backend: str | None, x: Tensor, op: str) -> Backend:
-    """The backend that runs ``op`` on x: the one asked for, the forced one, or the automatic choice."""
+    """The backend that runs ``op`` on x: the one asked for, the forced one, or the automatic choice.
+
+    The choice (which may import a backend module and build the C++ extension) runs in plain Python even
+    while ``torch.compile`` traces the caller: :func:`_resolve` is marked ``assume_constant_result``, so
+    Dynamo calls it at trace time and keeps only its result, a backend name. Without this, the first call of
+    a compiled ``fx.filter_loss`` in a fresh process traced into ``importlib.import_module`` and failed with
+    "Attempted to call function marked as skipped" under ``fullgraph=True`` (issue 12).
+    """
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    device_type = x.device.type
+    return _loaded[_resolve(requested, x.device.type, op)]
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: str | None, device_type: str, op: str) -> str:
+    """The name of the backend for (requested, device type), loading it; raises as :func:`select` documents."""
     if requested is not None:
         try:
             chosen = load(requested)
@@ -92,10 +105,10 @@ def select(backend: str | None, x: Tensor, op: str) -> Backend:
         if device_type not in chosen.device_types:
             raise ValueError(f"{op}: backend {requested!r} runs on {sorted(chosen.device_types)} tensors, "
                              f"got a {device_type} tensor; move the tensor or pick another backend")
-        return chosen
+        return chosen.name
     for name in AUTOMATIC_ORDER.get(device_type, ("reference",)):
         try:
-            return load(name)
+            return load(name).name
         except BackendUnavailable:
             continue
-    return load("reference")
+    return load("reference").name

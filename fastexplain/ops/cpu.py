@@ -129,6 +129,17 @@ def _register_python_parts() -> None:
                             relu: bool) -> Tensor:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
+    @lib.register_fake(f"{OP_NAMESPACE}::template_mask_forward_bits")
+    def _mask_forward_bits_fake(x: Tensor, beta: float, center: str, tau_scale: bool,
+                                relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+        B, C, H, W = x.shape
+        return (torch.empty_like(x, memory_format=torch.preserve_format),
+                x.new_empty((B, C), dtype=torch.int64), x.new_empty((B, C, mask_words(H * W)), dtype=torch.int16))
+
+    @lib.register_fake(f"{OP_NAMESPACE}::template_mask_backward_bits")
+    def _mask_backward_bits_fake(grad_y: Tensor, peaks: Tensor, keep: Tensor, beta: float, tau_scale: bool) -> Tensor:
+        return torch.empty_like(grad_y, memory_format=torch.preserve_format)
+
     def _loss_setup(ctx, inputs, output) -> None:
         x, beta = inputs
         _, lme, v = output
@@ -156,7 +167,27 @@ def _register_python_parts() -> None:
         return dx, None, None, None, None
 
     lib.register_autograd(f"{OP_NAMESPACE}::template_mask_forward", _mask_backward, setup_context=_mask_setup)
+
+    def _mask_bits_setup(ctx, inputs, output) -> None:
+        _, beta, _, tau_scale, _ = inputs
+        ctx.save_for_backward(output[1], output[2])  # the peaks and the keep bits: x itself is not kept alive
+        ctx.beta, ctx.tau_scale = beta, tau_scale
+
+    def _mask_bits_backward(ctx, grad_y, grad_peaks, grad_keep):
+        peaks, keep = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None, None
+        dx = torch.ops.fastexplain.template_mask_backward_bits(grad_y, peaks, keep, ctx.beta, ctx.tau_scale)
+        return dx, None, None, None, None
+
+    lib.register_autograd(f"{OP_NAMESPACE}::template_mask_forward_bits", _mask_bits_backward,
+                          setup_context=_mask_bits_setup)
     _registered = True
+
+
+def mask_words(positions: int) -> int:
+    """uint16 words of keep bits per map in ``template_mask_forward_bits`` (16 positions per word)."""
+    return (positions + 15) // 16
 
 
 def filter_loss(x: Tensor, beta: float) -> Tensor:
@@ -165,8 +196,12 @@ def filter_loss(x: Tensor, beta: float) -> Tensor:
 
 
 def template_mask(x: Tensor, beta: float, center: str, scale: str | None, relu: bool) -> Tensor:
-    """relu?(x) ⊙ m clamped at 0 (·τ for scale="tau") by the fused kernel, in x's dtype."""
-    return torch.ops.fastexplain.template_mask_forward(x, beta, center, scale == "tau", relu)[0]
+    """relu?(x) ⊙ m clamped at 0 (·τ for scale="tau") by the fused kernel, in x's dtype and memory format.
+
+    Autograd saves the peaks and the kept positions as bits (1/32 of a float32 map), not x: the backward pass
+    reads grad_y and writes dx, nothing else of map size.
+    """
+    return torch.ops.fastexplain.template_mask_forward_bits(x, beta, center, scale == "tau", relu)[0]
 
 
 def load_backend() -> Backend:
