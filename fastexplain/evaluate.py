@@ -377,6 +377,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str, out_dir: 
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if images is not None and images < 1:
+        raise ValueError(f"--images must be ≥ 1, got {images}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {str(out)!r} exists and is not a directory")
@@ -394,6 +396,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], data: str, out_dir: 
                          f"explainer expects {explainer.config.in_channels}: these --weights are not its performer")
     dataset = open_evaluation_data(data, height, images)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
     notes = [f"Checkpoint {checkpoint} ({state['epoch']} epochs); performer layer {performer.layer}; data {data}: "
              f"{dataset.size} images at {height} px."]
     return evaluate(performer, explainer, dataset, out, batch_size=batch_size, progress=progress, device=target,

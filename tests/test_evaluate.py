@@ -173,6 +173,17 @@ def test_evaluate_cli_on_the_demo_checkpoint(demo_checkpoint: Path, tmp_path: Pa
                 "accuracy", "reconstruction_error"):
         assert math.isfinite(metrics["explainer"][key]), key
     assert metrics["omitted"] == {} and len(metrics["parts"]["explainer"]) == 6
+    from matplotlib.image import imsave
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):  # any size: folders are read at the checkpoint's 64 px
+        imsave(folder / f"{i}.png", torch.rand(90, 120, 3).numpy())
+    assert main(["evaluate", str(demo_checkpoint), "--data", str(folder), "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 0
+    plain = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert plain["data"]["image_size"] == [64, 64] and "part_interpretability" in plain["omitted"]
+    assert math.isfinite(plain["explainer"]["colocation"]) and math.isfinite(plain["explainer"]["agreement"])
 
 
 @pytest.mark.slow
@@ -181,12 +192,15 @@ def test_evaluate_cli_on_the_demo_checkpoint(demo_checkpoint: Path, tmp_path: Pa
     ("custom", "custom performer module"),
     ("weights", "cannot rebuild the checkpoint's performer ('resnet18'"),
     ("wrong-zoo-file", "not a readable performer file"),
+    ("images", "--images must be ≥ 1"),
 ])
 def test_evaluate_bad_input_is_one_line(demo_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         case: str, message: str) -> None:
     checkpoint, data, extra = demo_checkpoint, "partworld:split=val,num_images=8", []
     if case == "size":
         data = "partworld:split=val,num_images=8,image_size=128"
+    elif case == "images":
+        data, extra = str(tmp_path), ["--images", "0"]
     else:
         state = load_checkpoint(demo_checkpoint)
         if case == "custom":
