@@ -30,7 +30,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -316,11 +316,15 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def performer_identity(performer: "Performer") -> dict[str, Any]:
-    """What a resumed run must share with the checkpoint's: model class, layers, head mode and weights."""
-    return {"model": type(performer.model).__name__, "layer": performer.layer,
-            "target_layer": performer.target_layer, "head": performer.head_mode,
-            "weights_sha256": weights_fingerprint(performer.model)}
+def performer_identity(performer: "Performer", image_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint's: model class, layers, head mode, weights (and,
+    when given, the image size the performer reads)."""
+    identity: dict[str, Any] = {"model": type(performer.model).__name__, "layer": performer.layer,
+                                "target_layer": performer.target_layer, "head": performer.head_mode,
+                                "weights_sha256": weights_fingerprint(performer.model)}
+    if image_size is not None:
+        identity["image_size"] = [int(n) for n in image_size]
+    return identity
 
 
 def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any], action: str = "resume") -> None:
@@ -333,8 +337,10 @@ def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any], 
         return
     details = ", ".join("weights (their SHA-256 differs)" if key == "weights_sha256"
                         else f"{key}: {saved[key]!r} → {current[key]!r}" for key in changed)
-    fix = "performer or a new output directory" if action == "resume" else "performer the explainer was trained on"
-    raise ValueError(f"cannot {action}: the performer differs from the checkpoint's ({details}); use the same {fix}")
+    subject = "image size" if changed == ["image_size"] else "performer"
+    fix = f"{subject} or a new output directory" if action == "resume" else f"{subject} the explainer was trained on"
+    what = f"the {subject} differs"
+    raise ValueError(f"cannot {action}: {what} from the checkpoint's ({details}); use the same {fix}")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

@@ -253,7 +253,7 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
     performer = performer.to(device)
     parallel.broadcast_module(performer, context)  # e.g. a randomly initialised performer: rank 0's on all
     image_size = tuple(stack_images([image_of(dataset[0])]).shape[-2:])
-    identity = performer_identity(performer)  # layers and a weights fingerprint, checked on resume
+    identity = performer_identity(performer, image_size)  # layers, weights fingerprint, image size: checked on resume
     torch.manual_seed(config.seed)
     if state is not None:
         _check_resumable(state["train_config"], config)

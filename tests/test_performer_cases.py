@@ -95,3 +95,9 @@ def test_bad_images_in_fit_are_one_line_errors(tmp_path: Path, data: list, messa
     with pytest.raises(ValueError, match=message) as raised:
         _fit(Performer(_net(), "2"), tmp_path / "c", data=data)
     assert "\n" not in str(raised.value)
+
+
+def test_resume_at_another_image_size_is_refused(tmp_path: Path) -> None:
+    _fit(Performer(_net(), "2"), tmp_path / "d")
+    with pytest.raises(ValueError, match=r"image size differs.*image_size: \[8, 8\] → \[12, 12\].*same image size"):
+        _fit(Performer(_net(), "2"), tmp_path / "d", data=_images(size=12))
