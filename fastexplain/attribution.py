@@ -77,7 +77,8 @@ class Attribution:
             "ordinary_contribution": float(self.ordinary_contribution[index]),
             "ordinary_share": float(self.ordinary_share[index]),
             "residual": float(self.residual[index]), "p": float(self.p[index]),
-            "contributions": [{"filter": f, "contribution": c} for f, c in self.top(index, k=len(self.contributions[index]))],
+            "contributions": [{"filter": f, "contribution": c}
+                              for f, c in self.top(index, k=self.contributions.shape[1])],
         }
 
 

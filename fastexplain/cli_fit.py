@@ -166,7 +166,8 @@ def add_fit_and_explain(commands: argparse._SubParsersAction,
     fit = commands.add_parser("fit", help="train an explainer on a torchvision performer (no labels needed)",
                               description="Train an explainer on a frozen torchvision performer (docs/cli.md).")
     fit.add_argument("--model", required=True, help="torchvision classification model, e.g. vgg16, resnet18")
-    fit.add_argument("--layer", required=True, help="dotted named_modules path of the explained layer, e.g. features.29")
+    fit.add_argument("--layer", required=True,
+                     help="dotted named_modules path of the explained layer, e.g. features.29")
     fit.add_argument("--target-layer", default=None, help="layer to reconstruct (default: --layer)")
     fit.add_argument("--weights", default=None, help="local state_dict file for the model (default: random init)")
     fit.add_argument("--num-classes", type=int, default=1000, help="classifier width of the model (default 1000)")
