@@ -130,11 +130,9 @@ class MapSpool:
         """The maps of one filter for images ``indices``: [n, h, w]."""
         import bisect
 
-        out = []
-        for i in indices:
-            chunk = bisect.bisect_right(self.starts, int(i)) - 1
-            out.append(self._load(chunk)[int(i) - self.starts[chunk], filter_index])
-        return torch.stack(out)
+        where = [bisect.bisect_right(self.starts, int(i)) - 1 for i in indices]
+        loaded = {chunk: self._load(chunk)[:, filter_index] for chunk in set(where)}  # each chunk read once
+        return torch.stack([loaded[chunk][int(i) - self.starts[chunk]] for i, chunk in zip(indices, where)])
 
     def close(self) -> None:
         if self._folder is not None:
