@@ -6,6 +6,7 @@ guard bands of NaN around the inputs and sentinels around the outputs.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -310,7 +311,7 @@ _BUILD_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastexplain.ops import triton_filter_loss as loss, triton_mask as mask
+    from fastexplain.ops import triton_filter_loss as loss, triton_mask as mask, triton_pyramid as pyramid
 
     def build(fn, pointers, constants):
         signature = {name: "constexpr" if name in constants else pointers.get(name, "*fp32")
@@ -325,6 +326,9 @@ _BUILD_SCRIPT = textwrap.dedent("""
     build(loss._backward_kernel, {"x_ptr": "*fp16", "dx_ptr": "*fp16"}, dict(flags, BLOCK_B=16, BLOCK_I=1024))
     build(mask._mask_forward_kernel, {"peak_ptr": "*i32"}, dict(ROWS=16, BLOCK_HW=256, RELU=True,
           CENTROID=True, SCALE_TAU=True, IS_FP64=False, PEAK_GIVEN=False))
+    build(pyramid._pyramid_kernel, {}, dict(BLOCK_M=32, BLOCK_W=64, IS_FP64=False))
+    build(pyramid._pyramid_kernel, {"src_ptr": "*fp64", "out_ptr": "*fp64", "f_ptr": "*fp64"},
+          dict(BLOCK_M=16, BLOCK_W=64, IS_FP64=True))
     print("built")
 """)
 
@@ -342,3 +346,109 @@ def test_kernels_compile_for_a_gpu_without_one():
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing here, kernels cannot be compiled without a GPU")
     assert result.returncode == 0 and "built" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------ large-n form (pyramid correlation)
+from fastexplain.ops import triton_pyramid  # noqa: E402
+from fastexplain.templates import part_templates  # noqa: E402
+
+
+def _dense_pyramid(maps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ_i maps(i)·max(0, r − ‖i − μ‖₁) from the dense template matrix (SPEC §1): (T_μ/τ + 1)·n/β."""
+    D0, D1, H, W = maps.shape
+    n = max(H, W)
+    templates = part_templates(H, W, beta=beta, dtype=torch.float64).reshape(H * W + 1, H * W)[1:]
+    pyramid = (templates / (0.5 / (H * W)) + 1.0) * n / beta
+    return (maps.double().reshape(D0, D1, H * W) @ pyramid.T.to(maps.device)).reshape(D0, D1, H, W)
+
+
+@pytest.mark.parametrize("shape, beta", [((2, 3, 1, 1), 4.0), ((3, 2, 5, 7), 4.0), ((2, 2, 9, 4), 2.5),
+                                         ((1, 3, 6, 6), 1.0), ((2, 1, 13, 11), 7.0), ((1, 2, 2, 17), 4.0)])
+def test_pyramid_correlation_equals_the_template_product(shape, beta):
+    """Non-square maps, radii below 1, non-integer and beyond the map (β = 1: r = 2n), any strides."""
+    maps = _maps(shape, seed=3) - 0.5
+    expected = _dense_pyramid(maps, beta)
+    radius = 2.0 * max(shape[2:]) / beta
+    torch.testing.assert_close(triton_pyramid.pyramid_correlate(maps, radius), expected.to(DEVICE), rtol=1e-12, atol=1e-12)
+    strided = maps.transpose(2, 3).contiguous().transpose(2, 3).float()
+    out = triton_pyramid.pyramid_correlate(strided.transpose(0, 1), radius)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out.transpose(0, 1).double(), expected.to(DEVICE), rtol=2e-5, atol=2e-5 * float(expected.abs().max()))
+
+
+def test_pyramid_correlation_is_self_adjoint():
+    a, b = _maps((2, 2, 6, 9), seed=4), _maps((2, 2, 6, 9), seed=5)
+    left = (triton_pyramid.pyramid_correlate(a, 3.3) * b).sum()
+    right = (a * triton_pyramid.pyramid_correlate(b, 3.3)).sum()
+    torch.testing.assert_close(left, right, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shape, beta", [((4, 2, 6, 9), 4.0), ((3, 3, 7, 5), 2.5), ((1, 2, 5, 5), 4.0)])
+def test_pyramid_form_matches_reference(shape, beta):
+    x = _maps(shape, scale=3.0, seed=6)
+    weights = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    expected = reference.filter_loss_per_filter(x, beta)
+    with triton_filter_loss.use_form("pyramid"):
+        loss = filter_loss(x, beta=beta, reduction="none", backend="triton")
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-15)
+        fn = lambda t, b: filter_loss(t, beta=beta, reduction="none", backend="triton")  # noqa: E731
+        grad = _grad(fn, x, weights)
+        ref = lambda t, b: reference.filter_loss_per_filter(t, beta)  # noqa: E731
+        torch.testing.assert_close(grad, _grad(ref, x, weights), rtol=1e-9, atol=1e-15)
+        if shape[0] > 1:
+            assert _relative(filter_loss(x.float(), beta=beta, reduction="none", backend="triton"), expected) <= 1e-4
+            assert _relative(_grad(fn, x.float(), weights), _grad(ref, x, weights)) <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pyramid_form_any_strides_and_half_inputs(layout, dtype):
+    x = _maps((3, 2, 5, 6), scale=2.0, seed=8).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(2, 3).contiguous().transpose(2, 3)
+    expected = reference.filter_loss_per_filter(x.double(), 4.0)
+    with triton_filter_loss.use_form("pyramid"):
+        leaf = x.detach().requires_grad_()
+        loss = filter_loss(leaf, reduction="none", backend="triton")
+        loss.sum().backward()
+    assert loss.dtype == torch.float32 and leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
+    assert _relative(loss.detach(), expected) <= 1e-4
+
+
+def test_pyramid_form_gradcheck_float64():
+    x = _maps((2, 1, 3, 4), seed=9).requires_grad_()
+    with triton_filter_loss.use_form("pyramid"):
+        assert torch.autograd.gradcheck(lambda t: filter_loss(t, reduction="none", backend="triton"), (x,))
+
+
+def test_large_maps_take_the_pyramid_form_without_a_template_matrix(monkeypatch):
+    """From n = LARGE_N on, "auto" runs the pyramid form, which never builds the [HW+1, HW] templates."""
+    assert triton_filter_loss.chosen_form(28, 5) == "pyramid" and triton_filter_loss.chosen_form(27, 27) == "dense"
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the pyramid form built a dense template matrix")
+
+    monkeypatch.setattr(reference, "template_logits", forbidden)
+    monkeypatch.setattr(reference, "part_templates", forbidden)
+    x = _maps((2, 1, 28, 3), seed=10)
+    loss = filter_loss(x, reduction="none", backend="triton")
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-15)
+
+
+def test_pyramid_work_grows_as_n_cubed():
+    """The pyramid kernel's loop bounds (loads per map) grow as n³ at n ≥ 28, the dense form's as n⁴."""
+    sizes = (28, 56, 112)
+    work = [triton_pyramid.pyramid_work(n, n, 2 * n / 4.0) for n in sizes]
+    for (n0, w0), (n1, w1) in zip(zip(sizes, work), zip(sizes[1:], work[1:])):
+        assert math.log(w1 / w0) / math.log(n1 / n0) <= 3.0 + 1e-9
+    dense = [n * n * (n * n + 1) for n in sizes]
+    assert math.log(dense[-1] / dense[-2]) / math.log(2) > 3.9
+
+
+def test_the_triton_modules_import_without_a_cycle():
+    """triton_filter_loss, triton_mask and triton_pyramid import _triton_common, never triton_backend."""
+    script = ("import sys\nfrom fastexplain.ops import triton_filter_loss, triton_mask, triton_pyramid\n"
+              "assert 'fastexplain.ops.triton_backend' not in sys.modules, 'cycle'\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -4,41 +4,17 @@ Runs on CUDA devices; with ``TRITON_INTERPRET=1`` set before triton is first imp
 also run on CPU tensors through Triton's interpreter (slow: that is for testing, not for speed).
 Value checks (NaN/Inf, negative inputs to the filter loss) are one torch reduction in eager mode, with
 the messages of ``_checks.py``; they are skipped while ``torch.compile`` traces.
+
+Imports go one way: this module imports the kernel modules (``triton_filter_loss``, ``triton_mask``),
+which import only ``_triton_common`` (the op decorator and the interpreter switch) and ``reference``.
 """
 from __future__ import annotations
-
-import os
-from typing import Callable
 
 from torch import Tensor
 
 from ._checks import check_values
 from ._registry import Backend, BackendUnavailable
-
-
-def interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET asks for Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def register_kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
-    """Decorator making a launch function a torch.library op (used by triton_filter_loss/triton_mask).
-
-    On a GPU it is a ``torch.library.triton_op``: torch.compile traces through it down to the Triton
-    kernels (captured by ``wrap_triton``). Under TRITON_INTERPRET=1 the kernels are interpreter functions
-    that torch cannot trace (running them on fake tensors fails), so the same launch function becomes an
-    opaque ``torch.library.custom_op`` with the explicit shape function ``fake``: torch.compile still
-    works on CPU, treating the op as a black box.
-    """
-    from torch.library import custom_op, triton_op
-
-    def decorate(launch: Callable):
-        if not interpreter_enabled():
-            return triton_op(name, mutates_args=())(launch)
-        op = custom_op(name, mutates_args=())(launch)
-        op.register_fake(fake)
-        return op
-    return decorate
+from ._triton_common import interpreter_enabled, register_kernel_op  # noqa: F401  (re-exported)
 
 
 def load_backend() -> Backend:

@@ -16,12 +16,18 @@ Per filter c the kernels never materialise the [B, HW+1] logits, let alone a [B,
 
 Extra memory: lme [C, HW+1], v [C, B], Ḡ [C, HW+1] (and mean_b x [C, HW] when B spans several batch
 tiles) — never O(B·C·HW). Compute dtype: float32 (float64 for float64 inputs), fp16/bf16 upcast on load.
+This is the "dense" form: its template product costs B·C·HW·(HW+1) multiply-adds (n⁴ per map). From
+n = max(H, W) ≥ LARGE_N on (or with ``use_form("pyramid")``) ``triton_filter_loss`` runs the "pyramid"
+form of ``triton_pyramid`` instead: the same loss, n³ work per map, the logits materialised.
+
 Triton has no portable expm1/log1p: ``_expm1``/``_log1p``/``_entropy_term`` are series for small
 arguments, so float32 matches the float64 reference to ~1e-6 relative like reference.py does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import triton
@@ -29,7 +35,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .triton_backend import register_kernel_op
+from . import triton_pyramid
+from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 
 _SAFE_SPREAD = tl.constexpr(30.0)  # same as reference.py: shift the log-mean-exp only when exp(s) could overflow
@@ -374,6 +381,38 @@ def _backward(ctx, grad_loss: Tensor | None, grad_lme: Tensor | None, grad_v: Te
 filter_loss_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The two forms of the filter loss: "dense" (the fused kernels above, template tiles through tl.dot, n⁴ work
+# per map) and "pyramid" (triton_pyramid: the L1-pyramid correlation by cumulative sums, n³ work per map,
+# logits materialised). "auto" takes the pyramid form from n = max(H, W) ≥ LARGE_N on.
+FORMS = ("dense", "pyramid")
+FORM = "auto"
+LARGE_N = 28
+
+
+def chosen_form(H: int, W: int) -> str:
+    """The form ``triton_filter_loss`` runs for H×W maps under the current ``FORM``."""
+    if FORM == "auto":
+        return "pyramid" if max(H, W) >= LARGE_N else "dense"
+    if FORM not in FORMS:
+        raise ValueError(f"filter_loss: triton_filter_loss.FORM must be 'auto' or one of {FORMS}, got {FORM!r}")
+    return FORM
+
+
+@contextlib.contextmanager
+def use_form(form: str) -> Iterator[None]:
+    """Run the Triton filter loss in ``form`` ("auto", "dense" or "pyramid") inside the block (tests, benchmarks)."""
+    global FORM
+    if form != "auto" and form not in FORMS:
+        raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
+    previous, FORM = FORM, form
+    try:
+        yield
+    finally:
+        FORM = previous
+
+
 def triton_filter_loss(x: Tensor, beta: float) -> Tensor:
-    """−MI per filter [C] via the fused kernels; x already validated for rank/dtype (values are not)."""
+    """−MI per filter [C] via the Triton kernels; x already validated for rank/dtype (values are not)."""
+    if chosen_form(x.shape[2], x.shape[3]) == "pyramid":
+        return triton_pyramid.pyramid_filter_loss(x, beta)
     return filter_loss_forward(x, beta)[0]

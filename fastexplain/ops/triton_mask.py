@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import reference
-from .triton_backend import register_kernel_op
+from ._triton_common import register_kernel_op
 
 # positions above which a map no longer fits in one program (peaks are then found first, see docstring)
 _MAX_FUSED_MAP = 8192
