@@ -147,8 +147,17 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": load_average(),
         "malloc_env": {key: os.environ.get(key) for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
     }
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (as `uptime` shows them), or None where the OS has none."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _cpu_flags() -> set[str]:

@@ -6,6 +6,10 @@ the device. Backends:
 * ``reference`` — the eager plain-PyTorch ops of ``fastexplain.ops.reference`` (through the dispatcher);
 * ``compile``   — ``torch.compile(dynamic=False)`` of those same reference functions, compiled once per
   shape and warmed up by :func:`build_case` before anything is timed;
+* ``textbook``  — the filter loss as public ports write it (issue 12): logits by a product with the templates,
+  ``logsumexp`` over the batch, no centring — ``reference.naive_filter_loss_per_filter``, the tests' error
+  yardstick; filter-loss workloads only;
+* ``compile_textbook`` — ``torch.compile(dynamic=False)`` of that textbook form;
 * ``cpu``       — the fused C++ backend; ``triton`` — the fused Triton backend (CUDA tensors only).
 
 A backend that cannot run here is skipped with the reason from ``fastexplain.ops.availability()``.
@@ -44,7 +48,12 @@ TINY_SHAPES: tuple[tuple[int, int, int], ...] = ((4, 3, 5), (3, 2, 7))
 SCALING_BATCH, SCALING_CHANNELS, SCALING_SIZES = 16, 64, (7, 14, 28, 56)
 TINY_SCALING_BATCH, TINY_SCALING_CHANNELS, TINY_SCALING_SIZES = 4, 3, (3, 5)
 
-BACKENDS: tuple[str, ...] = ("reference", "compile", "cpu", "triton")
+BACKENDS: tuple[str, ...] = ("reference", "compile", "textbook", "compile_textbook", "cpu", "triton")
+# The plain-PyTorch forms a user could run instead of a fused backend ("non-fused" columns).
+UNFUSED: tuple[str, ...] = ("reference", "compile", "textbook", "compile_textbook")
+TEXTBOOK_BACKENDS = frozenset({"textbook", "compile_textbook"})
+COMPILED_BACKENDS = frozenset({"compile", "compile_textbook"})
+FILTER_LOSS_WORKLOADS = frozenset({"filter_loss_fwd", "filter_loss_fwd_bwd"})
 WORKLOADS: tuple[str, ...] = ("filter_loss_fwd", "filter_loss_fwd_bwd", "mask_relu_fwd_bwd", "layer_fwd_bwd",
                               "explainer_step")
 # In tiny mode torch.compile costs far more than the work: compile only this workload, at the first shape.
@@ -97,7 +106,9 @@ def skip_reason(backend: str, workload: str, shape: tuple[int, int, int] | None 
         reason = availability().get(backend)
         if reason is not None:
             return reason
-    if backend == "compile" and is_tiny() and (workload not in TINY_COMPILE_WORKLOADS or shape != TINY_SHAPES[0]):
+    if backend in TEXTBOOK_BACKENDS and workload not in FILTER_LOSS_WORKLOADS:
+        return "the textbook form is a filter-loss formula (the mask has no separate textbook form)"
+    if backend in COMPILED_BACKENDS and is_tiny() and (workload not in TINY_COMPILE_WORKLOADS or shape != TINY_SHAPES[0]):
         return f"tiny mode compiles only {sorted(TINY_COMPILE_WORKLOADS)} at {TINY_SHAPES[0]} to keep CI fast"
     if workload == "explainer_step":
         return _explainer_skip_reason(backend)
@@ -121,6 +132,8 @@ class Case:
     input_bytes: int                    # bytes of the [B, C, n, n] map the op reads
     device_type: str                    # "cpu" or "cuda"
     compile_seconds: float = 0.0        # first call of a torch.compile case (compile + first run)
+    # filter-loss workloads: x -> (Σ_f loss_f, its gradient or None) of this backend, for the accuracy columns
+    evaluate: Callable[[], tuple[Tensor, Tensor | None]] | None = None
 
 
 def _sync_for(device: torch.device) -> Callable[[], None]:
@@ -137,10 +150,19 @@ def _compiled(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return torch.compile(fn, dynamic=False)
 
 
+def textbook_filter_loss(x: Tensor) -> Tensor:
+    """Σ_f loss_f in the textbook form (issue 12): ``reference.naive_filter_loss_per_filter``, which the tests use."""
+    return reference.naive_filter_loss_per_filter(x, DEFAULT_BETA).sum()
+
+
 def _filter_loss_fn(backend: str) -> Callable[[Tensor], Tensor]:
-    """x -> Σ_f loss_f for the backend (SPEC §2); the compile backend compiles the reference function."""
+    """x -> Σ_f loss_f for the backend (SPEC §2); the compile backends compile the reference or textbook form."""
     if backend == "compile":
         return _compiled(lambda x: reference.filter_loss_per_filter(x, DEFAULT_BETA).sum())
+    if backend == "textbook":
+        return textbook_filter_loss
+    if backend == "compile_textbook":
+        return _compiled(textbook_filter_loss)
     name = backend
     return lambda x: fastexplain.filter_loss(x, reduction="sum", backend=name)
 
@@ -156,7 +178,7 @@ def _relu_mask_fn(backend: str) -> Callable[[Tensor], Tensor]:
 def _layer_fn(backend: str, layer: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     """features -> Σ(masked output) + Σ_f loss_f of one InterpretableConv2d (SPEC §3)."""
     def objective(features: Tensor) -> Tensor:
-        result = layer(features)
+        result = layer.detailed(features, compute_loss=True) if hasattr(layer, "detailed") else layer(features)
         return result.output.sum() + result.filter_loss.sum()
     return _compiled(objective) if backend == "compile" else objective
 
@@ -179,12 +201,17 @@ def build_case(workload: str, backend: str, shape: tuple[int, int, int], *, devi
     x, z = _inputs(shape, run_device, seed)
     B, C, n = shape
     case_step: Callable[[], None]
+    evaluate = None
     if workload == "filter_loss_fwd":
         loss_fn = _filter_loss_fn(backend)
 
         def case_step() -> None:
             with torch.no_grad():
                 loss_fn(x)
+
+        def evaluate() -> tuple[Tensor, Tensor | None]:
+            with torch.no_grad():
+                return loss_fn(x).detach(), None
     elif workload == "filter_loss_fwd_bwd":
         loss_fn = _filter_loss_fn(backend)
         x.requires_grad_(True)
@@ -192,6 +219,13 @@ def build_case(workload: str, backend: str, shape: tuple[int, int, int], *, devi
         def case_step() -> None:
             x.grad = None
             loss_fn(x).backward()
+
+        def evaluate() -> tuple[Tensor, Tensor | None]:
+            x.grad = None
+            loss = loss_fn(x)
+            loss.backward()
+            grad, x.grad = x.grad, None
+            return loss.detach(), grad
     elif workload == "mask_relu_fwd_bwd":
         mask_fn = _relu_mask_fn(backend)
         z.requires_grad_(True)
@@ -216,8 +250,8 @@ def build_case(workload: str, backend: str, shape: tuple[int, int, int], *, devi
     else:  # explainer_step
         case_step = _explainer_step(backend, shape, run_device, seed)
     case = Case(workload, backend, shape, case_step, _sync_for(run_device), x.numel() * x.element_size(),
-                run_device.type)
-    if backend == "compile":
+                run_device.type, evaluate=evaluate)
+    if backend in COMPILED_BACKENDS:
         start = time.perf_counter()
         case.step()
         case.sync()
@@ -227,12 +261,31 @@ def build_case(workload: str, backend: str, shape: tuple[int, int, int], *, devi
     return case
 
 
+def exact_filter_loss(shape: tuple[int, int, int], *, device: str | None = None, seed: int = 0,
+                      channels_per_chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """Σ_f loss_f and its gradient in float64 on the benchmark's own float32 input (the accuracy yardstick).
+
+    The loss is a sum over filters and each filter's gradient involves only its own channel, so the float64
+    reference runs on chunks of channels: its B·C·(HW+1) intermediates never exist at full size.
+    """
+    x, _ = _inputs(shape, device_for("reference", device), seed)
+    total = torch.zeros((), dtype=torch.float64)
+    grad = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+    for first in range(0, x.shape[1], channels_per_chunk):
+        chunk = x[:, first:first + channels_per_chunk].double().requires_grad_(True)
+        loss = reference.filter_loss_per_filter(chunk, DEFAULT_BETA).sum()
+        loss.backward()
+        total += loss.detach().cpu()
+        grad[:, first:first + channels_per_chunk] = chunk.grad
+    return total, grad
+
+
 def _explainer_skip_reason(backend: str) -> str | None:
     try:
         from fastexplain.nn import Explainer, ExplainerConfig  # noqa: F401
     except ImportError as error:
         return f"fastexplain.nn.Explainer is not available ({error})"
-    if backend == "compile":
+    if backend in COMPILED_BACKENDS:
         return "torch.compile of a whole explainer training step is not benchmarked (compile time ≫ step time)"
     return None
 

@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the ops run: cpu (reference, compile, cpu) or cuda (reference, compile, triton)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a quick check of the pipeline")
-    parser.add_argument("--backends", default="reference,compile,cpu,triton",
-                        help="comma-separated subset of reference,compile,cpu,triton")
+    parser.add_argument("--backends", default="reference,compile,textbook,compile_textbook,cpu,triton",
+                        help="comma-separated subset of reference,compile,textbook,compile_textbook,cpu,triton")
     parser.add_argument("--workloads", default=None, help="comma-separated subset of the workloads (default all)")
     parser.add_argument("--heavy-all-shapes", action="store_true",
                         help=f"run {', '.join(HEAVY_WORKLOADS)} at every shape, not only the first")
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "on a machine shared with other jobs")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")
     parser.add_argument("--no-scaling", action="store_true", help="skip the time-vs-n sweep")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="skip the float32-vs-float64 error of each filter-loss case")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and plots from JSON")
     parser.add_argument("--note", default="", help='a line shown in RESULTS.md, e.g. "preliminary (shared machine)"')
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>.json)")
@@ -138,6 +140,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 results["scaling"]["cases"].append(record)
                 _save(results, out)
     results["total_seconds"] = time.perf_counter() - started
+    results["load_average_end"] = measure.load_average()
     _save(results, out)
     return results
 
@@ -173,6 +176,8 @@ def _run_case(args, measure, workloads, workload: str, backend: str, shape: tupl
                                         budget_s=args.budget))
         if memory and not args.no_memory:
             record["peak_extra_bytes"] = measure.peak_extra_bytes(case.step, case.sync, case.device_type)
+        if memory and not args.no_accuracy and case.evaluate is not None:
+            record.update(_accuracy(workloads, case, shape, args.device))
         del case
     except Exception as error:  # keep measuring the other cases; the error goes into the JSON
         record["error"] = f"{type(error).__name__}: {error}"
@@ -182,6 +187,27 @@ def _run_case(args, measure, workloads, workload: str, backend: str, shape: tupl
     shown = f"{record['median_s'] * 1e3:10.3f} ms" if "median_s" in record else record.get("error", "")
     print(f"{label} {shown}", flush=True)
     return record
+
+
+_EXACT: dict[tuple[int, int, int], Any] = {}
+
+
+def _accuracy(workloads, case, shape: tuple[int, int, int], device: str) -> dict[str, float]:
+    """The case's float32 loss (and gradient) against float64 on the same input: relative error of Σ_f loss_f,
+    and the gradient's largest error relative to its largest entry. NaN when the case produced non-finite values."""
+    import torch
+
+    if shape not in _EXACT:
+        _EXACT.clear()  # one shape at a time: the float64 gradient is twice the map's size
+        _EXACT[shape] = workloads.exact_filter_loss(shape, device=device)
+    exact_loss, exact_grad = _EXACT[shape]
+    loss, grad = case.evaluate()
+    result = {"loss_rel_error": float((loss.double().cpu() - exact_loss).abs() / exact_loss.abs())}
+    if grad is not None:
+        scale = exact_grad.abs().max()
+        result["grad_rel_error"] = float((grad.double() - exact_grad).abs().max() / scale)
+    return {key: (value if value == value and abs(value) != float("inf") else float("nan"))
+            for key, value in result.items()}
 
 
 def _release_memory() -> None:

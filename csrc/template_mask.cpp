@@ -249,6 +249,33 @@ inline void masked_grad_row(const scalar_t* __restrict grad, const F* __restrict
   }
 }
 
+#if defined(__AVX512F__)
+// NaN/Inf check and first argmax of relu?(x) in one AVX-512 pass over a float map: every lane keeps its own first
+// maximum (strict >), then the lowest position among the lanes holding the overall maximum wins (row-major ties).
+template <bool kRelu>
+inline int64_t check_and_argmax_avx512(const float* map, int64_t HW, bool& nonfinite) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 best = _mm512_set1_ps(kRelu ? -1.0f : -INFINITY), poison = zero;
+  __m512i best_index = _mm512_setzero_si512();
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (int64_t i = 0; i < HW; i += 16) {
+    const __mmask16 lanes = HW - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (HW - i)) - 1u);
+    __m512 value = _mm512_maskz_loadu_ps(lanes, map + i);
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(value, zero));
+    if constexpr (kRelu) value = _mm512_max_ps(value, zero);
+    const __mmask16 better = _mm512_mask_cmp_ps_mask(lanes, value, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, better, value);
+    best_index = _mm512_mask_mov_epi32(best_index, better, index);
+    index = _mm512_add_epi32(index, step);
+  }
+  nonfinite = _mm512_cmp_ps_mask(poison, poison, _CMP_UNORD_Q) != 0;
+  const float top = _mm512_reduce_max_ps(best);
+  const __mmask16 holders = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(holders, best_index);
+}
+#endif
+
 // The maps begin … end−1 (flat index b·C + c) of the bit-mask forward pass: y in y's layout, peaks, keep bits.
 template <bool kRelu, typename scalar_t, typename F>
 void forward_maps_bits(const scalar_t* x_data, const MaskGeometry& g, const MaskSource<F>& masks, bool centroid,
@@ -265,12 +292,23 @@ void forward_maps_bits(const scalar_t* x_data, const MaskGeometry& g, const Mask
     }
     const F* __restrict map = image_values(x_data + b * g.sB + c * g.sC, g, map_buffer.data());
     bool nonfinite = false;
-    const F best_value = check_and_max(map, g.HW, kRelu, nonfinite);
+    int64_t peak = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<F, float>) {
+      if (!centroid && g.HW < (int64_t(1) << 30)) peak = check_and_argmax_avx512<kRelu>(map, g.HW, nonfinite);
+    }
+    const bool fused_peak = std::is_same_v<F, float> && !centroid;
+#else
+    const bool fused_peak = false;
+#endif
+    if (!fused_peak) {
+      const F best_value = check_and_max(map, g.HW, kRelu, nonfinite);
+      if (!nonfinite) peak = peak_index(map, best_value, g, centroid, kRelu);
+    }
     if (nonfinite) {
       found_nonfinite = true;
       continue;
     }
-    const int64_t peak = peak_index(map, best_value, g, centroid, kRelu);
     peak_data[bc] = peak;
     const F* __restrict mask = masks(peak, mask_buffer.data());
     scalar_t* out = y_layout.dense ? y_data + y_layout.offset(b, c) : out_buffer.data();
