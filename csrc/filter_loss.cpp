@@ -115,6 +115,14 @@ void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F*
     for (int64_t b0 = 0; b0 < g.B; b0 += tile) {
       const int64_t b_end = std::min(b0 + tile, g.B);
       if (i_end - i0 == tile && b_end - b0 == tile) {  // full tile: constant trip counts
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<F, float>) {
+          const float* rows[tile];
+          for (int64_t b = 0; b < tile; ++b) rows[b] = image_rows[b0 + b] + i0;
+          transpose16x16(rows, maps + i0 * g.B + b0, g.B);
+          continue;
+        }
+#endif
         for (int64_t b = 0; b < tile; ++b) {
           const F* __restrict src = image_rows[b0 + b] + i0;
           for (int64_t i = 0; i < tile; ++i) maps[(i0 + i) * g.B + b0 + b] = src[i];
@@ -376,16 +384,28 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
     const F mean = total * inv_B;
     for (int64_t b = 0; b < B; ++b) column[b] -= mean;
   }
+  // Transposed back to image-major straight into dx, 16×16 tiles in registers where the types allow.
   constexpr int64_t tile = 16;
+  const F* columns = ws.pyramid.data();
   for (int64_t b0 = 0; b0 < B; b0 += tile)
-    for (int64_t i0 = 0; i0 < g.HW; i0 += tile)
-      for (int64_t b = b0; b < std::min(b0 + tile, B); ++b)
-        for (int64_t i = i0; i < std::min(i0 + tile, g.HW); ++i) staging[b * g.HW + i] = ws.pyramid[i * B + b];
-  for (int64_t b = 0; b < B; ++b) {
-    scalar_t* __restrict out = dx + (b * g.C + c) * g.HW;
-    const F* __restrict row = staging + b * g.HW;
-    for (int64_t i = 0; i < g.HW; ++i) out[i] = static_cast<scalar_t>(row[i]);
-  }
+    for (int64_t i0 = 0; i0 < g.HW; i0 += tile) {
+      const int64_t b_end = std::min(b0 + tile, B), i_end = std::min(i0 + tile, g.HW);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<F, float> && std::is_same_v<scalar_t, float>) {
+        if (b_end - b0 == tile && i_end - i0 == tile) {
+          const float* rows[tile];
+          for (int64_t i = 0; i < tile; ++i) rows[i] = columns + (i0 + i) * B + b0;
+          transpose16x16(rows, dx + (b0 * g.C + c) * g.HW + i0, g.C * g.HW);
+          continue;
+        }
+      }
+#endif
+      for (int64_t b = b0; b < b_end; ++b) {
+        scalar_t* __restrict out = dx + (b * g.C + c) * g.HW;
+        for (int64_t i = i0; i < i_end; ++i) out[i] = static_cast<scalar_t>(columns[i * B + b]);
+      }
+    }
+  (void)staging;
 }
 
 template <typename scalar_t>

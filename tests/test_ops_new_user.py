@@ -230,3 +230,24 @@ def test_bit_mask_backward_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="grad_y/peaks/keep do not match") as error:
         torch.ops.fastexplain.template_mask_backward_bits(torch.ones(2, 3, 5, 4), peaks, keep, 4.0, False)
     assert "\n" not in str(error.value)
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape", [(32, 2, 16, 16), (33, 3, 9, 7), (48, 2, 14, 14), (17, 1, 28, 27)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_filter_loss_full_vector_tiles(shape, layout):
+    """Batches and maps large enough for the kernels' 16×16 register transposes (and their ragged edges)."""
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]), dtype=torch.float64))
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    exact = x.detach().requires_grad_()
+    exact_loss = fastexplain.filter_loss(exact, backend="reference", reduction="none")
+    (exact_grad,) = torch.autograd.grad(exact_loss.sum(), exact)
+    for dtype in (torch.float32, torch.float64):
+        leaf = x.to(dtype).detach().requires_grad_()
+        loss = fastexplain.filter_loss(leaf, backend="cpu", reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(loss.double(), exact_loss, rtol=tol, atol=tol * float(exact_loss.abs().max()))
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=tol * 10,
+                                   atol=tol * float(exact_grad.abs().max()))
