@@ -53,3 +53,13 @@ def test_demo_seed_keys_the_cache(tmp_path: Path) -> None:
     metrics = run_demo(tmp_path, quick=True, progress=False, settings=TINY, seed=1)
     assert metrics["settings"]["seed"] == 1 and (tmp_path / "cache" / "quick" / "seed1" / "performer.pt").is_file()
     assert not (tmp_path / "cache" / "quick" / "seed0").exists()
+
+
+def test_cli_parses_demo_seed_and_evaluate_options() -> None:
+    from fastexplain.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--seed", "2"]).seed == 2 and parser.parse_args(["demo"]).seed is None
+    args = parser.parse_args(["evaluate", "ck.pt", "--data", "partworld", "--images", "5", "--batch-size", "7"])
+    assert (args.checkpoint, args.data, args.images, args.batch_size, args.weights, args.out) == \
+        ("ck.pt", "partworld", 5, 7, None, "fastexplain-evaluation")
