@@ -1,35 +1,57 @@
-"""GPU check and benchmark of the Triton backend (issue 4, SPEC §7): correctness first, then timings.
+"""GPU check and benchmark of every Triton kernel (issue 12 item 6, SPEC §7): correctness first, then timings.
 
-    python benchmarks/gpu_triton.py [--shapes 64x512x14x14 64x512x28x28] [--out benchmarks/results]
+    python benchmarks/gpu_triton.py                      # one H100: about 3 minutes, writes results/
+    python benchmarks/gpu_triton.py --budget 120         # stop timing after 120 s (checks always run)
+    TRITON_INTERPRET=1 python benchmarks/gpu_triton.py --smoke --out /tmp/smoke   # CPU, tiny, no GPU needed
 
-Needs a CUDA device (it refuses to run without one and writes nothing). For every shape it
+Needs a CUDA device unless ``--smoke`` (tiny shapes on whatever device the Triton backend runs on — the
+CPU interpreter without a GPU — to check that this script itself works; its times mean nothing).
 
-1. checks the Triton filter loss (float32, each tl.dot precision in --precisions) against the float64
-   reference (loss within 1e-4 relative, gradient within 1e-4 of max|grad|) and the mask + ReLU against
-   the reference exactly; a precision that fails is reported and not timed;
-2. times with ``triton.testing.do_bench`` (median, ms) forward, backward and forward+backward of the
-   Triton filter loss, the eager reference and ``torch.compile`` of the reference, plus mask + ReLU
-   forward+backward and a plain copy of x;
-3. compares forward+backward with the memory-bandwidth floor of SPEC §7 (read x twice, write dx once)
-   at the bandwidth of a measured device copy, and with the eager reference (target: ≥ 20× faster).
+1. **Checks** (every kernel, before any timing), on every shape, against the float64 reference on the
+   same inputs: the filter loss in its dense form (fused kernels, each ``tl.dot`` precision in
+   --precisions) and its pyramid form (``triton_pyramid``, the large-n form), forward and backward — loss
+   within 1e-4 of the largest value, gradient within 1e-4 of the largest value; the pyramid correlation
+   op against the dense template product; the ReLU + mask and the mask, argmax and centroid, with and
+   without τ, forward and backward, exactly up to float32 rounding (1e-6). A variant that fails is
+   reported and not timed.
+2. **Timings** (``triton.testing.do_bench``, median ms) of forward and forward + backward for: each
+   passing Triton variant; the **textbook form** (``reference.naive_filter_loss_per_filter``: einsum
+   logits, logsumexp over the batch, no centring — what public ports ship) eager and under
+   ``torch.compile``; the exact reference (eager). Each non-Triton column records its own float32 error
+   against float64. The ReLU + mask forward + backward is timed against one copy of x.
+3. **Floors and ratios**: the memory-bandwidth floor of SPEC §7 (read x twice, write dx once, at the
+   bandwidth of a measured device copy), each Triton variant's time / floor (goal ≤ 3) and its speed-up
+   over the textbook form eager (goal ≥ 20) and compiled; the mask's time / one copy (goal ≤ 2.5).
+4. **Scaling in n** at fixed B, C (n = 14, 28, 56): forward + backward of the dense and pyramid forms and
+   the slope of log time against log n between the last two sizes (goal for the Triton backend's
+   automatic choice: ≤ 3 at n ≥ 28).
 
-Results go to ``<out>/gpu_triton_<device>.json`` with the device name, versions and date. Only measured
-numbers are written; a step that fails records its error instead of a number.
+Timing stops once ``--budget`` seconds have passed (the remaining entries say so); checks always run.
+Results: ``<out>/gpu_triton_<device>.json`` and ``.md`` with the device name, versions and date. Only
+measured numbers are written; a step that fails records its error instead of a number.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import platform
 import re
 import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-DEFAULT_SHAPES = ("64x512x14x14", "64x512x28x28")
+DEFAULT_SHAPES = ("64x512x14x14", "32x512x28x28")
+SMOKE_SHAPES = ("3x2x4x5",)
+SCALING = (16, 256, (14, 28, 56))
+SMOKE_SCALING = (2, 1, (3, 4))
 RESULTS = Path(__file__).resolve().parent / "results"
+BETA = 4.0
 
 
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -43,125 +65,304 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
 
 
-def _loss_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     leaf = x.detach().clone().requires_grad_()
-    loss = fn(leaf, 4.0)
+    loss = fn(leaf)
     loss.sum().backward()
     return loss.detach(), leaf.grad
 
 
-def check_shape(shape, precisions) -> dict[str, object]:
-    """Correctness of every precision on this shape and of the mask, against the float64 reference."""
-    from fastexplain.ops import reference, triton_filter_loss, triton_mask
+class Bench:
+    """Median milliseconds: triton.testing.do_bench on CUDA, perf_counter repeats elsewhere (smoke only)."""
 
-    x = torch.rand(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    expected_loss, expected_grad = _loss_and_grad(reference.filter_loss_per_filter, x.double())
-    report: dict[str, object] = {}
-    for precision in precisions:
+    def __init__(self, device: str, budget_s: float) -> None:
+        self.device, self.deadline = device, time.monotonic() + budget_s
+
+    def left(self) -> bool:
+        return time.monotonic() < self.deadline
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        fn()  # warm-up, then one timed call: smoke runs only check that this script works
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+# ------------------------------------------------------------------------------------------- variants
+def _triton_variant(form: str, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from fastexplain.ops import triton_filter_loss
+
+    def run(x: torch.Tensor) -> torch.Tensor:
         triton_filter_loss.DOT_PRECISION = precision
-        loss, grad = _loss_and_grad(triton_filter_loss.triton_filter_loss, x)
-        loss_error, grad_error = _relative(loss, expected_loss), _relative(grad, expected_grad)
-        report[f"filter_loss_{precision}"] = {"loss_rel_error": loss_error, "grad_rel_error": grad_error,
-                                               "ok": loss_error <= 1e-4 and grad_error <= 1e-4}
-    signed = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        with triton_filter_loss.use_form(form):
+            return triton_filter_loss.triton_filter_loss(x, BETA)
+    return run
+
+
+def triton_variants(precisions: list[str]) -> dict[str, Callable]:
+    variants = {f"triton_dense_{p}": _triton_variant("dense", p) for p in precisions}
+    variants["triton_pyramid"] = _triton_variant("pyramid", "ieee")
+    return variants
+
+
+def baseline_variants(compile_: bool) -> dict[str, Callable]:
+    from fastexplain.ops import reference
+
+    variants = {"textbook_eager": lambda x: reference.naive_filter_loss_per_filter(x, BETA),
+                "reference_eager": lambda x: reference.filter_loss_per_filter(x, BETA)}
+    if compile_:
+        compiled = torch.compile(reference.naive_filter_loss_per_filter, dynamic=False)
+        variants["textbook_compiled"] = lambda x: compiled(x, BETA)
+    return variants
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_shape(shape: tuple[int, ...], device: str, precisions: list[str]) -> dict[str, dict]:
+    """Every Triton kernel on this shape against the float64 reference (see the module docstring)."""
+    from fastexplain.ops import reference, triton_mask, triton_pyramid
+    from fastexplain.templates import part_templates
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(shape, generator=generator)).to(device)
+    truth_loss, truth_grad = _loss_and_grad(lambda t: reference.filter_loss_per_filter(t, BETA), x.double())
+    report: dict[str, dict] = {}
+    for name, fn in triton_variants(precisions).items():
+        try:
+            loss, grad = _loss_and_grad(fn, x)
+            loss_error, grad_error = _relative(loss, truth_loss), _relative(grad, truth_grad)
+            report[name] = {"loss_rel_error": loss_error, "grad_rel_error": grad_error,
+                            "ok": loss_error <= 1e-4 and grad_error <= 1e-4 and bool(torch.isfinite(grad).all())}
+        except Exception as error:  # a kernel that does not build or run here: recorded, not timed
+            report[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+    B, C, H, W = shape
+    maps = x[: min(B, 4), : min(C, 8)]
+    radius = 2.0 * max(H, W) / BETA
+    templates = part_templates(H, W, beta=BETA, dtype=torch.float64, device=device).reshape(H * W + 1, H * W)[1:]
+    dense = (maps.double().reshape(*maps.shape[:2], H * W) @ ((templates * 2 * H * W + 1) * max(H, W) / BETA).T)
+    pyramid = triton_pyramid.pyramid_correlate(maps.double(), radius).reshape(dense.shape)
+    error = _relative(pyramid, dense)
+    report["pyramid_correlate_float64"] = {"rel_error": error, "ok": error <= 1e-12}
+    signed = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
     for center in ("argmax", "centroid"):
-        y = triton_mask.triton_template_mask(signed, 4.0, center, None, True)
-        expected = reference.template_mask(signed, 4.0, center, None, True)
-        report[f"mask_{center}"] = {"max_abs_error": float((y - expected).abs().max()),
-                                    "ok": bool(torch.allclose(y, expected, rtol=1e-6, atol=1e-6))}
+        for relu in (True, False):
+            for scale in (None, "tau"):
+                outputs = {}
+                for name, op in (("triton", triton_mask.triton_template_mask), ("reference", reference.template_mask)):
+                    leaf = signed.detach().clone().requires_grad_()
+                    y = op(leaf, BETA, center, scale, relu)
+                    (dx,) = torch.autograd.grad(y, leaf, grad_y)
+                    outputs[name] = (y.detach(), dx)
+                y_error = float((outputs["triton"][0] - outputs["reference"][0]).abs().max())
+                dx_error = float((outputs["triton"][1] - outputs["reference"][1]).abs().max())
+                scale_of = float(outputs["reference"][0].abs().max()) + float(grad_y.abs().max())
+                report[f"mask_{center}_relu{int(relu)}_{scale or 'none'}"] = {
+                    "y_max_abs_error": y_error, "dx_max_abs_error": dx_error,
+                    "ok": max(y_error, dx_error) <= 1e-6 * scale_of}
     return report
 
 
-def time_shape(shape, precisions) -> dict[str, object]:
-    """Median milliseconds of every variant on this shape (do_bench), and the derived ratios."""
-    from triton.testing import do_bench
+# -------------------------------------------------------------------------------------------- timings
+def _timings(bench: Bench, fn: Callable, x: torch.Tensor) -> dict[str, float]:
+    leaf = x.detach().clone().requires_grad_()
 
-    from fastexplain.ops import reference, triton_filter_loss, triton_mask
+    def forward_backward() -> None:
+        leaf.grad = None
+        fn(leaf).sum().backward()
+    with torch.no_grad():
+        forward_ms = bench(lambda: fn(x))
+    return {"forward_ms": forward_ms, "forward_backward_ms": bench(forward_backward)}
 
-    x = torch.rand(shape, device="cuda").requires_grad_()
-    signed = torch.randn(shape, device="cuda").requires_grad_()
 
-    def timings(fn, leaf) -> dict[str, float]:
-        out = fn(leaf)
-        return {
-            "forward_ms": do_bench(lambda: fn(leaf), return_mode="median"),
-            "backward_ms": do_bench(lambda: out.backward(torch.ones_like(out), retain_graph=True),
-                                    grad_to_none=[leaf], return_mode="median"),
-            "forward_backward_ms": do_bench(lambda: fn(leaf).backward(torch.ones_like(out)),
-                                            grad_to_none=[leaf], return_mode="median"),
-        }
+def _float32_error(fn: Callable, x: torch.Tensor, truth: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    loss, grad = _loss_and_grad(fn, x)
+    return {"loss_rel_error_vs_float64": _relative(loss, truth[0]), "grad_rel_error_vs_float64": _relative(grad, truth[1])}
 
+
+def time_shape(shape: tuple[int, ...], device: str, bench: Bench, variants: dict[str, Callable],
+               baselines: dict[str, Callable]) -> dict[str, object]:
+    from fastexplain.ops import reference, triton_mask
+
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(3))).to(device)
+    truth = _loss_and_grad(lambda t: reference.filter_loss_per_filter(t, BETA), x.double())
     result: dict[str, object] = {}
-    for precision in precisions:
-        triton_filter_loss.DOT_PRECISION = precision
-        result[f"triton_{precision}"] = timings(lambda t: triton_filter_loss.triton_filter_loss(t, 4.0), x)
-    for name, fn in (("reference_eager", reference.filter_loss_per_filter),
-                     ("reference_compiled", torch.compile(reference.filter_loss_per_filter))):
+    for name, fn in {**variants, **baselines}.items():
+        if not bench.left():
+            result[name] = {"skipped": "time budget spent"}
+            continue
         try:
-            result[name] = timings(lambda t, fn=fn: fn(t, 4.0), x)
-        except Exception as error:  # e.g. out of memory on large shapes: record, do not invent a number
+            entry: dict[str, object] = _timings(bench, fn, x)
+            if name in baselines:
+                entry.update(_float32_error(fn, x, truth))
+            result[name] = entry
+        except Exception as error:  # e.g. out of memory on a large shape: recorded, never invented
             result[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
-    result["mask_relu_triton"] = timings(lambda t: triton_mask.triton_template_mask(t, 4.0, "argmax", None, True), signed)
-    result["mask_relu_reference"] = timings(lambda t: reference.template_mask(t, 4.0, "argmax", None, True), signed)
-    copy_ms = do_bench(lambda: x.detach().clone(), return_mode="median")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    copy_ms = bench(lambda: x.clone())
     bytes_once = x.numel() * x.element_size()
-    bandwidth = 2 * bytes_once / (copy_ms * 1e-3)  # a copy reads and writes x once each
-    result["copy_ms"] = copy_ms
-    result["copy_bandwidth_GBps"] = bandwidth / 1e9
+    bandwidth = 2 * bytes_once / (copy_ms * 1e-3)  # a copy reads and writes x once
+    result["copy_ms"], result["copy_bandwidth_GBps"] = copy_ms, bandwidth / 1e9
     result["floor_ms"] = 3 * bytes_once / bandwidth * 1e3  # read x twice, write dx once (SPEC §7)
-    for precision in precisions:
-        triton_ms = result[f"triton_{precision}"]["forward_backward_ms"]
-        entry = result[f"triton_{precision}"]
-        entry["x_floor"] = triton_ms / result["floor_ms"]
-        eager = result["reference_eager"]
-        if "forward_backward_ms" in eager:
-            entry["speedup_vs_eager"] = eager["forward_backward_ms"] / triton_ms
-        compiled = result["reference_compiled"]
-        if "forward_backward_ms" in compiled:
-            entry["speedup_vs_compiled"] = compiled["forward_backward_ms"] / triton_ms
-    result["mask_relu_triton"]["x_copy"] = result["mask_relu_triton"]["forward_backward_ms"] / copy_ms
+    signed = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(device)
+    if bench.left():
+        mask = _timings(bench, lambda t: triton_mask.triton_template_mask(t, BETA, "argmax", None, True), signed)
+        mask["x_copy"] = mask["forward_backward_ms"] / copy_ms
+        result["mask_relu_triton"] = mask
+    for name in variants:
+        entry = result[name]
+        if "forward_backward_ms" not in entry:
+            continue
+        entry["x_floor"] = entry["forward_backward_ms"] / result["floor_ms"]
+        for baseline in ("textbook_eager", "textbook_compiled", "reference_eager"):
+            other = result.get(baseline, {})
+            if "forward_backward_ms" in other:
+                entry[f"speedup_vs_{baseline}"] = other["forward_backward_ms"] / entry["forward_backward_ms"]
     return result
+
+
+def scaling(device: str, bench: Bench, sweep: tuple) -> dict[str, object]:
+    B, C, sizes = sweep
+    forms = {"triton_dense_ieee": _triton_variant("dense", "ieee"), "triton_pyramid": _triton_variant("pyramid", "ieee")}
+    cases = []
+    for n in sizes:
+        x = torch.relu(torch.randn((B, C, n, n), generator=torch.Generator().manual_seed(n))).to(device)
+        for name, fn in forms.items():
+            if not bench.left():
+                cases.append({"variant": name, "n": n, "skipped": "time budget spent"})
+                continue
+            try:
+                cases.append({"variant": name, "n": n, **_timings(bench, fn, x)})
+            except Exception as error:
+                cases.append({"variant": name, "n": n, "error": f"{type(error).__name__}: {error}"[:300]})
+    slopes = {}
+    for name in forms:
+        measured = [(c["n"], c["forward_backward_ms"]) for c in cases if c["variant"] == name and "forward_backward_ms" in c]
+        if len(measured) >= 2:
+            (n0, t0), (n1, t1) = measured[-2], measured[-1]
+            slopes[name] = math.log(t1 / t0) / math.log(n1 / n0)
+    return {"batch": B, "channels": C, "cases": cases, "last_slope": slopes}
+
+
+# ------------------------------------------------------------------------------------------- report
+def _ms(entry: object) -> str:
+    if isinstance(entry, dict) and "forward_backward_ms" in entry:
+        return f"{entry['forward_backward_ms']:.3g} ms"
+    if isinstance(entry, dict):
+        return entry.get("skipped") or "error"
+    return "—"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Triton kernels on {report['device']}", "",
+             f"- torch {report['torch']}, triton {report['triton']}, python {report['python']}; {report['date']}",
+             f"- {report['timing']}; checks against the float64 reference", ""]
+    if report.get("smoke"):
+        lines += ["**Smoke run (tiny shapes, possibly the CPU interpreter): the times mean nothing.**", ""]
+    lines += ["## Checks", "", "| shape | kernel | ok | errors |", "|---|---|---|---|"]
+    for key, entry in report["shapes"].items():
+        for name, check in entry["checks"].items():
+            errors = ", ".join(f"{k} {v:.1e}" for k, v in check.items() if isinstance(v, float))
+            lines.append(f"| {key} | {name} | {'yes' if check['ok'] else 'NO'} | {errors or check.get('error', '')} |")
+    lines += ["", "## Filter loss, forward + backward", ""]
+    for key, entry in report["shapes"].items():
+        timings = entry.get("timings", {})
+        if not isinstance(timings, dict) or "floor_ms" not in timings:
+            continue
+        lines += [f"### {key} (floor {timings['floor_ms']:.3g} ms: read x twice, write dx once at "
+                  f"{timings['copy_bandwidth_GBps']:.0f} GB/s)", "",
+                  "| variant | fwd+bwd | × floor | vs textbook eager | vs textbook compiled | vs reference | float32 error (loss, grad) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, value in timings.items():
+            if not isinstance(value, dict) or name == "mask_relu_triton":
+                continue
+            ratio = lambda k: f"{value[k]:.1f}×" if k in value else ""  # noqa: E731
+            error = (f"{value['loss_rel_error_vs_float64']:.1e}, {value['grad_rel_error_vs_float64']:.1e}"
+                     if "loss_rel_error_vs_float64" in value else "")
+            lines.append(f"| {name} | {_ms(value)} | {ratio('x_floor')} | {ratio('speedup_vs_textbook_eager')} | "
+                         f"{ratio('speedup_vs_textbook_compiled')} | {ratio('speedup_vs_reference_eager')} | {error} |")
+        mask = timings.get("mask_relu_triton")
+        if isinstance(mask, dict) and "x_copy" in mask:
+            lines += ["", f"ReLU + mask forward + backward: {mask['forward_backward_ms']:.3g} ms = "
+                          f"{mask['x_copy']:.2f}× one copy of x ({timings['copy_ms']:.3g} ms); goal ≤ 2.5×"]
+        lines.append("")
+    sweep = report.get("scaling")
+    if sweep:
+        lines += [f"## Scaling in n (B={sweep['batch']}, C={sweep['channels']}, forward + backward)", "",
+                  "| variant | " + " | ".join(f"n={n}" for n in sorted({c['n'] for c in sweep['cases']})) + " | last slope |",
+                  "|---|" + "---|" * (len({c['n'] for c in sweep['cases']}) + 1)]
+        for name in sorted({c["variant"] for c in sweep["cases"]}):
+            row = [_ms(c) for c in sweep["cases"] if c["variant"] == name]
+            slope = sweep["last_slope"].get(name)
+            lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
+                         f"| {name} | " + " | ".join(row) + " | — |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=[_parse_shape(s) for s in DEFAULT_SHAPES])
+    parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=None)
     parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32x3"], choices=["ieee", "tf32x3", "tf32"])
+    parser.add_argument("--budget", type=float, default=200.0, help="seconds after which timing stops (default 200)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(textbook) column")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device the backend runs on")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_triton.py: no CUDA device here; this benchmark only runs on a GPU and wrote nothing",
-              file=sys.stderr)
+    started = time.monotonic()
+    from fastexplain.ops import _registry
+
+    try:
+        backend = _registry.load("triton")
+    except _registry.BackendUnavailable as error:
+        print(f"gpu_triton.py: {error}; wrote nothing", file=sys.stderr)
+        return 2
+    if "cuda" in backend.device_types:
+        device = "cuda"
+    elif args.smoke:
+        device = "cpu"
+    else:
+        print("gpu_triton.py: no CUDA device here; this benchmark only runs on a GPU (or with --smoke) and wrote "
+              "nothing", file=sys.stderr)
         return 2
     import triton
 
-    from fastexplain.ops import _registry, triton_filter_loss
-
-    backend = _registry.load("triton")
-    if "cuda" not in backend.device_types:
-        print("gpu_triton.py: the Triton backend cannot run on CUDA here", file=sys.stderr)
-        return 2
-    device_name = torch.cuda.get_device_name(0)
-    report = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "timing": "triton.testing.do_bench, median ms", "shapes": {}}
-    default_precision = triton_filter_loss.DOT_PRECISION
-    for shape in args.shapes:
+    shapes = args.shapes or [_parse_shape(s) for s in (SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES)]
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (Triton interpreter)"
+    report: dict[str, object] = {
+        "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "smoke": args.smoke,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": "triton.testing.do_bench, median ms" if device == "cuda" else "perf_counter, one call (smoke)",
+        "shapes": {}}
+    bench = Bench(device, args.budget)
+    baselines = baseline_variants(compile_=not args.no_compile)
+    status = 0
+    for shape in shapes:
         key = "x".join(map(str, shape))
-        checks = check_shape(shape, args.precisions)
-        passing = [p for p in args.precisions if checks[f"filter_loss_{p}"]["ok"]]
+        try:
+            checks = check_shape(shape, device, args.precisions)
+        except Exception:
+            checks = {"check_shape": {"ok": False, "error": traceback.format_exc()[-500:]}}
+        status |= int(not all(c["ok"] for c in checks.values()))
+        passing = {name: fn for name, fn in triton_variants(args.precisions).items() if checks.get(name, {}).get("ok")}
         entry: dict[str, object] = {"checks": checks}
-        entry["timings"] = time_shape(shape, passing) if passing else {"error": "no precision passed the checks"}
-        triton_filter_loss.DOT_PRECISION = default_precision
-        report["shapes"][key] = entry
-        print(json.dumps({key: entry}, indent=2))
+        entry["timings"] = time_shape(shape, device, bench, passing, baselines)
+        report["shapes"][key] = entry  # type: ignore[index]
+        print(f"{key}: checks {'ok' if all(c['ok'] for c in checks.values()) else 'FAILED'}", flush=True)
+    report["scaling"] = scaling(device, bench, SMOKE_SCALING if args.smoke else SCALING)
+    report["seconds"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     path = args.out / f"gpu_triton_{slug}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
-    return 0
+    path.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {path} and {path.with_suffix('.md')} in {report['seconds']:.0f} s")
+    return status
 
 
 if __name__ == "__main__":

@@ -375,19 +375,10 @@ def test_triton_filter_loss_fuzz(index: int) -> None:
     if case.bad is not None:
         expect_value_error(case, lambda: run(x))
         return
-    forms = getattr(triton_filter_loss, "FORMS", ("dense",))
-    for form in forms:
-        with triton_filter_loss.use_form(form) if hasattr(triton_filter_loss, "use_form") else _nothing():
+    for form in triton_filter_loss.FORMS:  # the dense (template tiles) and the pyramid (large-n) forms
+        with triton_filter_loss.use_form(form):
             loss, grad = _loss_and_grad(run, x, _weights(case))
         check_loss_and_grad(case, x.cpu(), loss.cpu(), grad.cpu(), float64_loss_tol=1e-9, float64_grad_tol=1e-7)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @needs_triton
