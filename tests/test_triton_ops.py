@@ -452,3 +452,21 @@ def test_the_triton_modules_import_without_a_cycle():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_run_checks_every_kernel_and_writes_its_report(tmp_path):
+    """benchmarks/gpu_triton.py --smoke on tiny shapes (the interpreter without a GPU): it must check every
+    kernel, pass, and write the JSON and markdown report. Its times mean nothing and are not looked at."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_triton.py"), "--smoke", "--no-compile",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import json
+
+    [report_path] = tmp_path.glob("gpu_triton_*.json")
+    report = json.loads(report_path.read_text())
+    checks = next(iter(report["shapes"].values()))["checks"]
+    for kernel in ("triton_dense_ieee", "triton_pyramid", "pyramid_correlate_float64", "mask_centroid_relu0_tau"):
+        assert checks[kernel]["ok"], checks[kernel]
+    assert "Checks" in report_path.with_suffix(".md").read_text()
