@@ -79,8 +79,29 @@ def write_report(results_dir: Path, md_path: Path, only: list[Path] | None = Non
         plotted = plot_scaling(run, png)
         lines += device_section(run, png.relative_to(md_path.parent) if plotted and _under(png, md_path.parent)
                                 else (png if plotted else None))
+    lines += _profile_section(results_dir)
     lines += ["## Method", "", METHOD]
     md_path.write_text("\n".join(lines))
+
+
+PROFILE_FILE = "profile-step.json"
+
+
+def _profile_section(results_dir: Path) -> list[str]:
+    """The table of `benchmarks/profile_step.py` (one explainer training step, issue 12 item 5), when it was run."""
+    path = results_dir / PROFILE_FILE
+    if not path.is_file():
+        return []
+    try:
+        result = json.loads(path.read_text())
+        from profile_step import markdown
+    except (OSError, json.JSONDecodeError, ImportError):
+        return []
+    machine = result["machine"]
+    return ["## Where the time of one explainer training step goes (`profile_step.py`)", "",
+            f"- machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['torch_threads']} torch "
+            f"threads; python {machine['python']}, torch {machine['torch']}; date: {machine['date_utc']}", "",
+            markdown(result), ""]
 
 
 def _under(path: Path, folder: Path) -> bool:

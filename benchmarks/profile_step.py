@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="timed explainer steps per conv option")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="skip the conv-option comparison")
+    parser.add_argument("--option-batch", type=int, default=16,
+                        help="images per performer forward in the conv-option comparison (default 16)")
+    parser.add_argument("--only-performer-options", action="store_true",
+                        help="only compare the performer forward's conv options (update an existing JSON)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "profile-step.json")
     return parser.parse_args(argv)
 
@@ -165,6 +169,33 @@ def time_explainer(performer, explainer, optimizer, images, features, reps: int,
     return statistics.median(times)
 
 
+def time_performer(performer, images, reps: int, *, channels_last: bool, autocast: bool) -> float:
+    """Median seconds of the frozen performer's forward pass (x* and logits) with a conv option."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    performer.to(memory_format=memory_format)
+    batch = images.contiguous(memory_format=memory_format)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+    times = []
+    for rep in range(reps + 1):
+        start = time.perf_counter()
+        with torch.no_grad(), context:
+            performer.features(batch)
+        if rep:  # the first run is the warm-up (oneDNN primitive creation, weight reorders)
+            times.append(time.perf_counter() - start)
+    performer.to(memory_format=torch.contiguous_format)
+    return statistics.median(times)
+
+
+def performer_options(performer, images, reps: int) -> dict[str, float]:
+    options = {}
+    for channels_last in (False, True):
+        for autocast in (False, True):
+            key = f"{'channels_last' if channels_last else 'contiguous'}, {'bf16 autocast' if autocast else 'fp32'}"
+            options[key] = time_performer(performer, images, reps, channels_last=channels_last, autocast=autocast)
+            print(f"performer forward ({images.shape[0]} images), {key}: {options[key] * 1e3:.0f} ms", flush=True)
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -173,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = _bench_measure.load_average()
     performer, explainer, optimizer, images, config = build(args)
+    if args.only_performer_options:
+        result = json.loads(args.out.read_text())
+        result["performer_options"] = performer_options(performer, images[:args.option_batch], args.reps)
+        result["performer_options_batch"] = args.option_batch
+        result["performer_options_load_average"] = _bench_measure.load_average()
+        args.out.write_text(json.dumps(result, indent=1))
+        print(markdown(result))
+        return 0
     for _ in range(args.warmup):
         with torch.no_grad():
             features = performer.features(images)
@@ -189,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 options[key] = time_explainer(performer, explainer, optimizer, images, features, args.reps,
                                               channels_last=channels_last, autocast=autocast)
                 print(f"explainer step, {key}: {options[key] * 1e3:.0f} ms", flush=True)
+    performer_times = {} if args.quick else performer_options(performer, images[:args.option_batch], args.reps)
     result = {"machine": _bench_measure.machine_info(), "load_average_start": load_start,
               "load_average_end": _bench_measure.load_average(), "model": args.model, "layer": args.layer,
               "batch": args.batch, "image": args.image, "x_star_shape": list(x_star.shape),
-              "parts": parts, "explainer_step_options": options,
+              "parts": parts, "explainer_step_options": options, "performer_options": performer_times,
+              "performer_options_batch": args.option_batch,
               "explainer_config": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                                    for k, v in vars(config).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +289,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| explainer step (no performer) | median | vs contiguous fp32 |", "|---|---|---|"]
         for key, seconds in result["explainer_step_options"].items():
             lines.append(f"| {key} | {seconds * 1e3:.0f} ms | {base / seconds:.2f}× |")
+        lines.append("")
+    if result.get("performer_options"):
+        base = result["performer_options"].get("contiguous, fp32")
+        lines += [f"| performer forward ({result.get('performer_options_batch')} images, no grad) | median | "
+                  f"vs contiguous fp32 |", "|---|---|---|"]
+        for key, seconds in result["performer_options"].items():
+            lines.append(f"| {key} | {seconds * 1e3:.0f} ms | {base / seconds:.2f}× |")
+        if result.get("performer_options_load_average"):
+            lines.append(f"\n(load average at the end of this comparison: {result['performer_options_load_average']})")
     return "\n".join(lines)
 
 

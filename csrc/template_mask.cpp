@@ -113,15 +113,24 @@ inline __attribute__((always_inline)) int64_t peak_index(const F* map, F best_va
 }
 
 // The mask at every position times its scale: m(i) = max(1 − β‖i − μ̂‖₁ / n, −1) (templates.mask_profile).
+// Row by row: the column distances |c − μ̂_c| once per map, then one integer add, a conversion and the clamp per
+// position (the same float operations as the formula above, so bit-identical to the table).
 template <typename F>
 inline void mask_at(F* mask, int64_t peak, double beta, const MaskGeometry& g) {
   const F slope = static_cast<F>(beta * g.inverse_n), scale = static_cast<F>(g.scale);
   const int32_t peak_r = static_cast<int32_t>(peak / g.W), peak_c = static_cast<int32_t>(peak % g.W);
-  const int32_t* __restrict rows = g.row_of.data();
-  const int32_t* __restrict cols = g.col_of.data();
-  for (int64_t i = 0; i < g.HW; ++i) {
-    const F d = static_cast<F>(std::abs(rows[i] - peak_r) + std::abs(cols[i] - peak_c));
-    mask[i] = std::max(F(1) - slope * d, F(-1)) * scale;
+  int32_t column_distance_stack[256];
+  std::vector<int32_t> column_distance_heap(g.W > 256 ? g.W : 0);
+  int32_t* __restrict column_distance = g.W > 256 ? column_distance_heap.data() : column_distance_stack;
+  for (int32_t c = 0; c < static_cast<int32_t>(g.W); ++c) column_distance[c] = std::abs(c - peak_c);
+  for (int32_t r = 0; r < static_cast<int32_t>(g.H); ++r) {
+    const int32_t row_distance = std::abs(r - peak_r);
+    F* __restrict out = mask + static_cast<int64_t>(r) * g.W;
+#pragma omp simd
+    for (int32_t c = 0; c < static_cast<int32_t>(g.W); ++c) {
+      const F d = static_cast<F>(row_distance + column_distance[c]);
+      out[c] = std::max(F(1) - slope * d, F(-1)) * scale;
+    }
   }
 }
 
