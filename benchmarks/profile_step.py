@@ -298,6 +298,16 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {key} | {seconds * 1e3:.0f} ms | {base / seconds:.2f}× |")
         if result.get("performer_options_load_average"):
             lines.append(f"\n(load average at the end of this comparison: {result['performer_options_load_average']})")
+        best = min(result["performer_options"], key=result["performer_options"].get)
+        performer_share = parts.get("performer forward", 0.0) / step
+        gain = base / result["performer_options"][best]
+        lines += ["", f"The frozen performer's forward pass is {100 * performer_share:.0f}% of the step, so it is what to "
+                  f"speed up: its fastest option here is **{best}**, {gain:.2f}× its contiguous fp32 run (oneDNN "
+                  f"convolutions in bfloat16, on AMX tiles where the CPU has them, need channels_last to avoid "
+                  f"reorders). At that speed the step would take about "
+                  f"{(step - parts.get('performer forward', 0.0) * (1 - 1 / gain)) * 1e3:.0f} ms instead of "
+                  f"{step * 1e3:.0f} ms. The explainer's own convolutions gain less at this size (table above; "
+                  f"timings on a loaded machine, medians of a few steps)."]
     return "\n".join(lines)
 
 
