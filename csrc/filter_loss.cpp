@@ -401,6 +401,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
   return {loss, lme, v};
 }
 
+// One template's gradient for float32 rows (the loop body of filter_backward on 16-float vectors, three passes):
+// u = (s − lme0) − lme1, q·B = 1 + expm1(u), g = p_t (u − v); the first image of largest u is tracked per lane in
+// the same pass (its g is the reference subtracted before the batch sum); then Σ_b qB (g − g_ref); then
+// ds = scale · qB · ((g − g_ref) − centre), added to the per-image totals.
+inline void backward_template_float(float* __restrict ds, float* __restrict weighted, float* __restrict qB,
+                                    const float* __restrict v, int64_t B, float lme0, float lme1, float prior,
+                                    float inv_B, float scale, float* __restrict totals) {
+  const int64_t full = B / 16 * 16;
+  Float16 best = splat16(-INFINITY);
+  Int16 best_index = Int16{}, index = Int16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t b = 0; b < full; b += 16) {
+    const Float16 u = (load16(ds + b) - lme0) - lme1;
+    store16(qB + b, 1.0f + expm1_16(u));
+    store16(weighted + b, prior * (u - load16(v + b)));
+    const auto better = u > best;  // strict: every lane keeps its first maximum
+    best = better ? u : best;
+    best_index = better ? index : best_index;
+    index += 16;
+  }
+  float u_max = -INFINITY;
+  int64_t ref = B - 1;
+  if (full) {
+    u_max = max16(best);
+    float lanes[16];
+    int32_t lane_index[16];
+    std::memcpy(lanes, &best, sizeof(best));
+    std::memcpy(lane_index, &best_index, sizeof(best_index));
+    for (int l = 0; l < 16; ++l)
+      if (lanes[l] == u_max && lane_index[l] < ref) ref = lane_index[l];
+  }
+  for (int64_t b = full; b < B; ++b) {
+    const float u = (ds[b] - lme0) - lme1;
+    qB[b] = 1.0f + expm1_vec(u);
+    weighted[b] = prior * (u - v[b]);
+    if (u > u_max) {
+      u_max = u;
+      ref = b;
+    }
+  }
+  const float g_ref = weighted[ref];
+  Float16 sums = Float16{};
+  for (int64_t b = 0; b < full; b += 16) {
+    const Float16 centred = load16(weighted + b) - g_ref;
+    store16(weighted + b, centred);
+    sums += load16(qB + b) * centred;
+  }
+  float qg_total = full ? sum16(sums) : 0.0f;
+  for (int64_t b = full; b < B; ++b) {
+    weighted[b] -= g_ref;
+    qg_total += qB[b] * weighted[b];
+  }
+  const float centre = qg_total * inv_B;
+  for (int64_t b = 0; b < full; b += 16) {
+    const Float16 d = scale * load16(qB + b) * (load16(weighted + b) - centre);
+    store16(ds + b, d);
+    store16(totals + b, load16(totals + b) + d);
+  }
+  for (int64_t b = full; b < B; ++b) {
+    ds[b] = scale * qB[b] * (weighted[b] - centre);
+    totals[b] += ds[b];
+  }
+}
+
 // dloss/dx for one filter: g = p_t (u − v), dMI/ds = q (g − Σ_b q g), dloss/ds = −grad·dMI/ds,
 // dx_b(i) = Σ_t dloss/ds[b,t]·T_t(i), then the centring's Jacobian (subtract the batch mean).
 template <typename scalar_t, typename F>
@@ -417,6 +480,11 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
     F* __restrict ds = s_all + t * B;  // s on entry, dloss/ds on exit
     F* __restrict weighted = ws.w.data() + t * B;
     F* __restrict qB = ws.pyramid.data();  // scratch row (pyramid buffer is free until the correlation below)
+    if constexpr (std::is_same_v<F, float>) {
+      backward_template_float(ds, weighted, qB, v, B, lme[t], lme[g.T + t], prior, inv_B, -grad * inv_B,
+                              template_totals);
+      continue;
+    }
     F u_max = -INFINITY;
     #pragma omp simd reduction(max : u_max)
     for (int64_t b = 0; b < B; ++b) {
