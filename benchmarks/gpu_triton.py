@@ -1,6 +1,6 @@
 """GPU check and benchmark of every Triton kernel (issue 12 item 6, SPEC §7): correctness first, then timings.
 
-    python benchmarks/gpu_triton.py                      # one H100: about 3 minutes, writes results/
+    python benchmarks/gpu_triton.py                      # sized for < 5 min on one H100 (not yet run on a GPU)
     python benchmarks/gpu_triton.py --budget 120         # stop timing after 120 s (checks always run)
     TRITON_INTERPRET=1 python benchmarks/gpu_triton.py --smoke --out /tmp/smoke   # CPU, tiny, no GPU needed
 
