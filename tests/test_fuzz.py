@@ -8,6 +8,14 @@ seed alone. For a long run:
 
     FASTEXPLAIN_FUZZ_CASES=10000 OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_fuzz.py -q -x
 
+Last long run (2026-11-27, 2-core Xeon shared with other jobs, load average 5–12, 1 thread per run),
+``FASTEXPLAIN_FUZZ_CASES=3334``: 10,334 cases in all — 3,334 each of the fused filter loss, mask and
+distributed local passes (10,002 on CPU, 17 min) and 166 each of the Triton filter loss (both forms) and
+mask under the interpreter (332, 16 min, in parallel). No non-finite value anywhere. Eight mask cases
+failed the first criteria (the mask's rounding where 1 − β·d/n ≈ 0 against an all-zero reference output;
+fp16 outputs that underflow to 0); with the criteria below, all 3,500 mask cases pass (64 s), and the
+local-pass cases, rerun with the reference's passes in one case in five, pass (3,334 in 165 s).
+
 What a case draws: B and C in 1 … 70, H and W in 1 … 40 (independently: most maps are not square), with
 B·C·HW·(HW+1) capped so that the float64 reference stays fast (large maps come with small batches);
 the dtype (fp16, bf16, fp32, fp64); the layout (contiguous, channels_last, H/W transposed view, strided
@@ -370,14 +378,16 @@ def _split(case: Case, ranks: int, rng: random.Random) -> list[int]:
 @needs_cpu
 @pytest.mark.parametrize("index", range(FUZZ_CASES))
 def test_local_passes_fuzz(index: int) -> None:
-    """1–4 simulated ranks with uneven shares (some of one image) running the fused local passes: the
-    global loss and gradient equal the single-process reference on the concatenated batch."""
+    """1–4 simulated ranks with uneven shares (some of one image) running the fused local passes (one case
+    in five: the reference's passes, the fallback of other backends): the global loss and gradient equal
+    the single-process reference on the concatenated batch."""
     case = draw_case("local_passes", index, min_batch=2, bad_fraction=0.05)
     rng = random.Random(case.seed)
     ranks = rng.randint(1, min(4, case.B))
+    backend = "reference" if rng.random() < 0.2 else "cpu"  # the fused passes, and the fallback's
     x = make_maps(case)
     chunks = list(x.split(_split(case, ranks, rng)))
-    outcome = simulate_ranks(chunks, case.beta, "cpu", _weights(case))
+    outcome = simulate_ranks(chunks, case.beta, backend, _weights(case))
     if case.bad is not None:
         for result in outcome:
             assert isinstance(result, ValueError), f"{result!r}: {case}"
