@@ -4,6 +4,7 @@
 // Per filter c (at::parallel_for over filters), on this rank's B images, with x̄ the *global* batch mean
 // (all-reduced by the caller), T the HW+1 templates, p_t their priors and N the global batch size:
 //
+//   map_sums      Σ_b x_b [C, HW] and the numbers of non-finite and negative elements (one read of x).
 //   logits        s[c, t, b] = Σ_i (x_b(i) − x̄(i))·T_t(i) by the L1-pyramid correlation of kernel_math.h
 //                 (no [HW+1, HW] template product); returns s and max_b s [C, T].
 //   expm1_sums    w[c, t, b] = expm1(s − shift_t); returns w and Σ_b w [C, T].
@@ -54,6 +55,62 @@ void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at
 
 at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// -------------------------------------------------------------------------------------------- map sums
+// Σ_b x_b [C, HW] in the compute dtype and the numbers of non-finite and of negative elements, in one read.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> map_sums_typed(const at::Tensor& x) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor sums = at::empty({C, HW}, x.options().dtype(c10::CppTypeToScalarType<F>::value));
+  std::vector<int64_t> nonfinite(C, 0), negative(C, 0);
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  F* sum_data = sums.data_ptr<F>();
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const bool dense = (W == 1 || sW == 1) && (H == 1 || sH == W);
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      F* __restrict total = sum_data + c * HW;
+      std::fill(total, total + HW, F(0));
+      int64_t bad = 0, below = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* image = x_data + b * sB + c * sC;
+        if (dense) {
+          for (int64_t i = 0; i < HW; ++i) {
+            const F v = static_cast<F>(image[i]);
+            total[i] += v;
+            bad += (v - v != F(0)) ? 1 : 0;  // NaN or ±Inf
+            below += v < F(0) ? 1 : 0;
+          }
+        } else {
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) {
+              const F v = static_cast<F>(image[h * sH + w * sW]);
+              total[h * W + w] += v;
+              bad += (v - v != F(0)) ? 1 : 0;
+              below += v < F(0) ? 1 : 0;
+            }
+        }
+      }
+      nonfinite[c] = bad;
+      negative[c] = below;
+    }
+  });
+  int64_t bad = 0, below = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    bad += nonfinite[c];
+    below += negative[c];
+  }
+  return {sums, at::tensor({bad, below}, at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor> local_map_sums(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.numel() > 0 && x.is_floating_point() && x.device().is_cpu(),
+                    "filter_loss (distributed local pass): expected a non-empty floating-point CPU tensor "
+                    "[B, C, H, W], got ", x.scalar_type(), " ", x.sizes());
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "filter_loss_local_map_sums",
+                                         [&] { return map_sums_typed<scalar_t>(x); });
 }
 
 // ---------------------------------------------------------------------------------------------- logits
@@ -336,6 +393,7 @@ at::Tensor local_input_grad(const at::Tensor& u, const at::Tensor& w, const at::
 }  // namespace fastexplain
 
 TORCH_LIBRARY_FRAGMENT(fastexplain, m) {
+  m.def("filter_loss_local_map_sums(Tensor x) -> (Tensor, Tensor)");
   m.def("filter_loss_local_logits(Tensor x, Tensor mean_maps, float beta) -> (Tensor, Tensor)");
   m.def("filter_loss_local_expm1_sums(Tensor s, Tensor shift) -> (Tensor, Tensor)");
   m.def("filter_loss_local_entropy_sums(Tensor(a!) s, Tensor(b!) w, Tensor shift, Tensor mean_expm1, int hw) "
@@ -346,6 +404,7 @@ TORCH_LIBRARY_FRAGMENT(fastexplain, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastexplain, CPU, m) {
+  m.impl("filter_loss_local_map_sums", &fastexplain::local_map_sums);
   m.impl("filter_loss_local_logits", &fastexplain::local_logits);
   m.impl("filter_loss_local_expm1_sums", &fastexplain::local_expm1_sums);
   m.impl("filter_loss_local_entropy_sums", &fastexplain::local_entropy_sums);

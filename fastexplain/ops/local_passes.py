@@ -133,9 +133,9 @@ class CpuLocalPasses:
         self.dtype = compute_dtype(x)
 
     def map_sums(self) -> tuple[Tensor, int, int]:
-        B, C, H, W = self.x.shape
-        sums = self.x.sum(dim=0, dtype=self.dtype).reshape(C, H * W)
-        return (sums, *_value_counts(self.x))
+        sums, counts = torch.ops.fastexplain.filter_loss_local_map_sums(self.x)
+        nonfinite, negative = counts.tolist()
+        return sums, nonfinite, negative
 
     def logit_maxima(self, mean_maps: Tensor) -> Tensor:
         self.s, maxima = torch.ops.fastexplain.filter_loss_local_logits(
