@@ -13,7 +13,9 @@ Measures, forward + backward of ``fastexplain.filter_loss`` with ``backend="cpu"
 
 The ratio (2 ranks / one process; target ≤ 1.5) is the number to read. It is only meaningful on an
 otherwise idle 2-core machine: the load average (``/proc/loadavg``) is recorded before and after. One
-process is timed before and after the ranks, to see drift. ``--passes reference`` times the ranks with
+process is timed before and after the ranks, to see drift. A load-independent view is recorded too: on
+one thread and half the batch, the single-process fused op against the fused local passes alone (no
+collectives) — their ratio plus the collectives' cost is what the 2-rank ratio tends to on an idle machine. ``--passes reference`` times the ranks with
 the reference's PyTorch local passes instead (the path before the fused ones), for comparison.
 
 Exactness is checked in the same run, in float64 on the same shape: the 2-rank loss and gradient against
@@ -85,6 +87,31 @@ def _time_one_process(x: torch.Tensor, reps: int, threads: int) -> list[float]:
         torch.set_num_threads(previous)
 
 
+def _time_local_passes_alone(x: torch.Tensor, reps: int) -> list[float]:
+    """Forward + backward of the fused local passes on x as the only rank (no collectives), 1 thread."""
+    from fastexplain.distributed import grad_from_passes, loss_from_passes
+    from fastexplain.ops import _registry
+    from fastexplain.ops.local_passes import local_passes
+
+    def step() -> None:
+        passes = local_passes(_registry.load("cpu"), x, 4.0)
+        loss, n_total = loss_from_passes(passes, x.shape[0], lambda tensor, op: tensor)
+        grad_from_passes(passes, n_total, torch.ones_like(loss), lambda tensor, op: tensor)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _worker(rank: int, port: int, directory: str, shape: tuple[int, int, int, int], reps: int,
             passes: str) -> None:
     torch.set_num_threads(1)
@@ -141,6 +168,10 @@ def measure(shape: tuple[int, int, int, int], reps: int, passes: tuple[str, ...]
     before = _time_one_process(x, reps, threads=2)
     ranks = {kind: _time_ranks(shape, reps, kind) for kind in passes}
     after = _time_one_process(x, reps, threads=2)
+    # load-independent view: one core's work per half batch, single-process fused op vs fused local passes
+    half = x[: shape[0] // WORLD_SIZE].contiguous()
+    result["half_batch_1_thread_s"] = {"fused_op": statistics.median(_time_one_process(half, reps, threads=1)),
+                                       "local_passes": statistics.median(_time_local_passes_alone(half, reps))}
     result["loadavg_after"] = _loadavg()
     one_process = statistics.median(before + after)
     result["one_process_2_threads_s"] = {"median": one_process, "before": before, "after": after}
@@ -175,6 +206,11 @@ def markdown(result: dict) -> str:
         kind = key.split("_")[1]
         lines.append(f"| 2 gloo ranks, {kind} local passes | {B // 2} | 1 | {result[key]['median'] * 1e3:.1f} ms "
                      f"| {result[f'ratio_{kind}_passes']:.2f}× |")
+    half = result.get("half_batch_1_thread_s")
+    if half:
+        lines += ["", f"One core's share without collectives ({B // 2} images, 1 thread): single-process fused op "
+                      f"{half['fused_op'] * 1e3:.1f} ms, fused local passes {half['local_passes'] * 1e3:.1f} ms "
+                      f"({half['local_passes'] / half['fused_op']:.2f}×)."]
     lines += ["", "float64, 2 ranks vs one process (max error / max value):", ""]
     for key in sorted(k for k in result if k.startswith("float64_error_")):
         kind = key.split("_")[2]
