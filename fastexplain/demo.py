@@ -1,4 +1,4 @@
-"""``fastexplain demo``: part world → performer → explainer → metrics → report (issue 7, SPEC §5, §7).
+"""``fastexplain demo``: part world → performer → explainer → metrics → report (issue 7, docs/method.md §5, §7).
 
 The pipeline, all on the CPU by default:
 

@@ -1,4 +1,4 @@
-"""Part diversity (SPEC §5, added 2026-11-27): do different filters detect different parts?
+"""Part diversity (docs/method.md §5, added 2026-11-27): do different filters detect different parts?
 
 Per-filter averages (location instability, part interpretability) cannot see a collapse: F copies of one
 stable detector score as well as F distinct ones. These metrics look at pairs of filters instead.

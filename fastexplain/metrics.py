@@ -1,4 +1,4 @@
-"""Interpretability metrics of SPEC §5, for any layer's maps: performer filters and explainer part filters alike.
+"""Interpretability metrics of docs/method.md §5, for any layer's maps: performer filters and explainer part filters alike.
 
 All map arguments are ``[N, F, h, w]`` post-ReLU maps for N images and F filters, given either as one
 tensor (processed in chunks of images) or as a zero-argument callable that returns a fresh iterable of
@@ -20,7 +20,7 @@ from .receptive_field import CellCenters, proportional_centers
 
 MapSource = Union[Tensor, Callable[[], Iterable[Tensor]]]
 
-# SPEC §7 goals, explainer relative to the performer's own filters at the same layer.
+# Goals (docs/metrics.md), explainer relative to the performer's own filters at the same layer.
 TARGETS: dict[str, tuple[str, float]] = {
     "location_instability_ratio": ("<=", 0.6),
     "part_interpretability_ratio": (">=", 1.5),
@@ -63,19 +63,19 @@ def peak_statistics(maps: MapSource, chunk_size: int = 256) -> tuple[Tensor, Ten
 
 @dataclass
 class LocationInstability:
-    """Mean over filters of the mean over landmarks of std(distance / diagonal) (SPEC §5; lower is better)."""
+    """Mean over filters of the mean over landmarks of std(distance / diagonal) (docs/method.md §5; lower is better)."""
 
     value: float
     per_filter: Tensor  # [F], nan for filters with no valid landmark
     per_filter_landmark: Tensor  # [F, K], nan where fewer than 2 valid images
     centers_method: str
     centers_reason: str | None
-    silent_filters: int  # filters whose max activation is 0 on every image (still counted, as in the SPEC)
+    silent_filters: int  # filters whose max activation is 0 on every image (still counted, as in docs/method.md §5)
 
 
 def location_instability(maps: MapSource, keypoints: Tensor, visible: Tensor, image_size: tuple[int, int],
                          centers: CellCenters | None = None, top: int = 100, chunk_size: int = 256) -> LocationInstability:
-    """Location instability of every filter (SPEC §5, [ICNN]).
+    """Location instability of every filter (docs/method.md §5, [ICNN]).
 
     For filter f and landmark k: among images where k is visible, take the ``top`` images by the
     filter's max activation (ties: lower image index first), map the argmax cell to its image-pixel
@@ -150,7 +150,7 @@ def _split_for_memory(chunk: Tensor, part_masks: Tensor | Callable[[int, int], T
 
 @dataclass
 class PartInterpretability:
-    """Mean over filters of P_f = max_k hit rate (IoU > threshold) for part k (SPEC §5; higher is better)."""
+    """Mean over filters of P_f = max_k hit rate (IoU > threshold) for part k (docs/method.md §5; higher is better)."""
 
     value: float
     per_filter: Tensor  # [F] P_f
@@ -163,7 +163,7 @@ class PartInterpretability:
 def part_interpretability(maps: MapSource, part_masks: Tensor | Callable[[int, int], Tensor],
                           top_fraction: float = 0.005, iou_threshold: float = 0.2,
                           chunk_size: int = 32) -> PartInterpretability:
-    """Part interpretability (SPEC §5, after Bau et al.): top-0.5% regions vs part masks.
+    """Part interpretability (docs/method.md §5, after Bau et al.): top-0.5% regions vs part masks.
 
     T_f is the top-``top_fraction`` quantile of filter f's activations over all cells and images (on
     the layer's own maps). The map is upsampled bilinearly to the mask size (align_corners=False, so
@@ -202,7 +202,7 @@ def part_interpretability(maps: MapSource, part_masks: Tensor | Callable[[int, i
 
 
 def reconstruction_error(reconstruction: Tensor, target: Tensor, per_image: bool = False) -> Tensor:
-    """‖x̂ − x*‖² / ‖x*‖² (SPEC §4–5): over the whole batch (ratio of sums), or per image [N]."""
+    """‖x̂ − x*‖² / ‖x*‖² (docs/method.md §4–5): over the whole batch (ratio of sums), or per image [N]."""
     if reconstruction.shape != target.shape:
         raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ in shape")
     difference = (reconstruction.double() - target.double()).flatten(1).pow(2).sum(1)
@@ -253,7 +253,7 @@ class ReconstructionMeter:
 
 
 def check_targets(performer: dict[str, float], explainer: dict[str, float]) -> list[dict[str, object]]:
-    """SPEC §7 goals as rows ``{name, value, target, passed}``; a goal whose inputs are missing (e.g. part
+    """Goals (docs/metrics.md) as rows ``{name, value, target, passed}``; a goal whose inputs are missing (e.g. part
     coverage without part annotations) is left out, one whose value is not finite fails."""
     def ratio(key: str) -> float:
         base, mine = performer.get(key, math.nan), explainer.get(key, math.nan)

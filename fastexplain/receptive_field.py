@@ -1,4 +1,4 @@
-"""Receptive-field centres of a layer's cells in image pixels (SPEC §5, location instability).
+"""Receptive-field centres of a layer's cells in image pixels (docs/method.md §5, location instability).
 
 For a Sequential-like stack (the leaf modules of ``model.named_modules()`` run in that order, up to
 and including the named layer) every cell (r, c) of the layer's map has a receptive field whose centre

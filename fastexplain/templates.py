@@ -1,4 +1,4 @@
-"""Part templates and their priors (SPEC §1, [ICNN] §3.1).
+"""Part templates and their priors (docs/method.md §1, [ICNN] §3.1).
 
 A filter's feature map lives on an H×W grid of positions i = (r, c), row-major index k = r·W + c,
 and n = max(H, W). There are H·W + 1 templates:
@@ -23,12 +23,12 @@ DEFAULT_BETA = 4.0
 
 
 def template_tau(H: int, W: int) -> float:
-    """τ = 0.5 / (H·W): the templates' magnitude (SPEC §1)."""
+    """τ = 0.5 / (H·W): the templates' magnitude (docs/method.md §1)."""
     return 0.5 / (H * W)
 
 
 def template_alpha(H: int, W: int) -> float:
-    """α = HW / (1 + HW): the total prior of the positive templates (SPEC §1)."""
+    """α = HW / (1 + HW): the total prior of the positive templates (docs/method.md §1)."""
     return (H * W) / (1.0 + H * W)
 
 
@@ -42,7 +42,7 @@ def l1_distances(H: int, W: int, *, dtype: torch.dtype | None = None,
 
 
 def mask_profile(dist: Tensor, n: int, beta: float) -> Tensor:
-    """max(1 − β·d / n, −1): the shape shared by the positive templates and the mask (SPEC §1, §3)."""
+    """max(1 − β·d / n, −1): the shape shared by the positive templates and the mask (docs/method.md §1, §3)."""
     return torch.clamp(1.0 - beta * dist / n, min=-1.0)
 
 
@@ -68,5 +68,5 @@ def template_priors(H: int, W: int, *, dtype: torch.dtype | None = None,
 
 
 def template_entropy(H: int, W: int) -> float:
-    """H(T) = log(HW + 1) nats: the largest mutual information any filter can reach (SPEC §1)."""
+    """H(T) = log(HW + 1) nats: the largest mutual information any filter can reach (docs/method.md §1)."""
     return math.log(H * W + 1)

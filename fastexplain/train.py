@@ -1,4 +1,4 @@
-"""Label-free training of an explainer on a frozen performer (SPEC §4, issue 6).
+"""Label-free training of an explainer on a frozen performer (docs/method.md §4, issue 6).
 
 ``fit(performer, dataset, out_dir)`` trains an :class:`~fastexplain.nn.Explainer` on the performer's
 features of the dataset's images (labels, if the dataset yields any, are ignored), writes

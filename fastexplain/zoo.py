@@ -1,4 +1,4 @@
-"""The demo performer: a small VGG-style CNN trained with labels on the part world (issue 7, SPEC §4, §7).
+"""The demo performer: a small VGG-style CNN trained with labels on the part world (issue 7, docs/method.md §4, §7).
 
 ``PartWorldVGG`` mirrors torchvision's VGG layout (``features`` → ``avgpool`` → ``flatten`` →
 ``classifier``) so that :mod:`fastexplain.performer` can cut it at a dotted layer name and run the rest.
