@@ -1,4 +1,4 @@
-"""GPU check and benchmark of every Triton kernel (issue 12 item 6, SPEC §7): correctness first, then timings.
+"""GPU check and benchmark of every Triton kernel (issue 12 item 6): correctness first, then timings.
 
     python benchmarks/gpu_triton.py                      # sized for < 5 min on one H100 (not yet run on a GPU)
     python benchmarks/gpu_triton.py --budget 120         # stop timing after 120 s (checks always run)
@@ -19,7 +19,7 @@ CPU interpreter without a GPU — to check that this script itself works; its ti
    logits, logsumexp over the batch, no centring — what public ports ship) eager and under
    ``torch.compile``; the exact reference (eager). Each non-Triton column records its own float32 error
    against float64. The ReLU + mask forward + backward is timed against one copy of x.
-3. **Floors and ratios**: the memory-bandwidth floor of SPEC §7 (read x twice, write dx once, at the
+3. **Floors and ratios**: the memory-bandwidth floor (read x twice, write dx once, at the
    bandwidth of a measured device copy), each Triton variant's time / floor (goal ≤ 3) and its speed-up
    over the textbook form eager (goal ≥ 20) and compiled; the mask's time / one copy (goal ≤ 2.5).
 4. **Scaling in n** at fixed B, C (n = 14, 28, 56): forward + backward of the dense and pyramid forms and
@@ -207,7 +207,7 @@ def time_shape(shape: tuple[int, ...], device: str, bench: Bench, variants: dict
     bytes_once = x.numel() * x.element_size()
     bandwidth = 2 * bytes_once / (copy_ms * 1e-3)  # a copy reads and writes x once
     result["copy_ms"], result["copy_bandwidth_GBps"] = copy_ms, bandwidth / 1e9
-    result["floor_ms"] = 3 * bytes_once / bandwidth * 1e3  # read x twice, write dx once (SPEC §7)
+    result["floor_ms"] = 3 * bytes_once / bandwidth * 1e3  # read x twice, write dx once (issue 12 goals)
     signed = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(device)
     if bench.left():
         mask = _timings(bench, lambda t: triton_mask.triton_template_mask(t, BETA, "argmax", None, True), signed)

@@ -1,4 +1,4 @@
-"""Distributed filter loss (issue 12 item 4, SPEC §7): 2 gloo ranks on halves of a batch vs one process.
+"""Distributed filter loss (issue 12 item 4): 2 gloo ranks on halves of a batch vs one process.
 
     .venv/bin/python benchmarks/test_bench_distributed.py                   # 64×512×14×14, writes results/
     .venv/bin/python benchmarks/test_bench_distributed.py --passes both     # also the reference local passes

@@ -1,4 +1,4 @@
-// The local passes of the exact global-batch filter loss across processes (SPEC §2, docs/distributed.md),
+// The local passes of the exact global-batch filter loss across processes (docs/method.md §2, docs/distributed.md),
 // fused: one rank's share of the work between the all-reduces of fastexplain/distributed.py.
 //
 // Per filter c (at::parallel_for over filters), on this rank's B images, with x̄ the *global* batch mean

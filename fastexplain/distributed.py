@@ -1,4 +1,4 @@
-"""The exact global-batch filter loss across processes (SPEC §2, issue 8), without gathering feature maps.
+"""The exact global-batch filter loss across processes (docs/method.md §2, issue 8), without gathering feature maps.
 
 The filter loss −MI is a function of the whole batch: every template's partition function sums over all
 images. Under data parallelism each rank r holds B_r images of a global batch of N = Σ_r B_r, and the
@@ -13,13 +13,13 @@ Algorithm (per filter c, templates t = 0 … HW, T the [HW+1, HW] template matri
        checks, backend choice): every rank must agree and none may have failed, else all raise.
     1. all-reduce SUM of [Σ_b x_b (C·HW) | B_r | #non-finite | #negative]  → N, x̄ = Σ x / N, flags.
        Every rank raises the same ValueError when any rank's input is bad (no rank is left waiting).
-    2. s[b,t] = T·(x_b − x̄) locally (the global batch mean of s is 0 up to rounding, SPEC §2 "Scale");
+    2. s[b,t] = T·(x_b − x̄) locally (the global batch mean of s is 0 up to rounding, docs/method.md §2 "Scale");
        all-reduce MAX of max_b s [C, T]          → shift_t = max(max_b s − 30, 0) (overflow guard only).
     3. all-reduce SUM of Σ_b expm1(s − shift) [C, T]
                                                   → M_t = Σ / N, lme_t = shift_t + log1p(M_t) = log mean_b e^s.
     4. u = s − lme (= log N·q), v = log Σ_t p_t e^u (= log N·P) locally;
        all-reduce SUM of [Σ_t p_t Σ_b f(u) | Σ_b f(v)] (2·C) → MI = (conditional − marginal) / N.
-  backward (SPEC §2 "Exact gradient", with g = p_t (log q − log P) = p_t (u − v), q = e^u / N)
+  backward (docs/method.md §2 "Exact gradient", with g = p_t (log q − log P) = p_t (u − v), q = e^u / N)
     5. all-reduce SUM of Σ_b e^u (u − v) [C, T]  → Σ_b' q g = p_t · that / N;
        ∂MI/∂s[b,t] = p_t e^u (u − v − Σ/N) / N locally, ∂loss/∂x_b = −grad · (∂MI/∂s) · T.
        This term already carries the gradient through lme (Z_T's dependence on every image). The
@@ -169,7 +169,7 @@ def _group_size(process_group: Any) -> int:
 
 def global_filter_loss_per_filter(x: Tensor, beta: float, process_group: Any, *, backend: str | None = None,
                                   ddp_gradients: bool = False) -> Tensor:
-    """−MI per filter ([C], compute dtype) over the union of every rank's x [B_r, C, H, W] (SPEC §2).
+    """−MI per filter ([C], compute dtype) over the union of every rank's x [B_r, C, H, W] (docs/method.md §2).
 
     ``process_group``: a torch.distributed group (None or ``torch.distributed.group.WORLD``: the default
     group, as in torch.distributed). Collective: every rank of the group must call it (and backward

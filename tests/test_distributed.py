@@ -228,7 +228,7 @@ def test_every_backend_gives_the_global_loss(outcome, backend):
 @pytest.mark.parametrize("backend", LOCAL_PASS_BACKENDS)
 @pytest.mark.parametrize("name", ["uneven_float32", "scale_20_float32"])  # naive is NaN at large scales
 def test_float32_gradient_meets_the_spec_target(outcome, name, backend):
-    """SPEC §2: float32 gradients no worse than 2× the naive float32 reference's error (vs float64)."""
+    """docs/method.md §2: float32 gradients no worse than 2× the naive float32 reference's error (vs float64)."""
     inputs, ranks = outcome
     if f"{name}@{backend}" not in ranks[0]:
         pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")

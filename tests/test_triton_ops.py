@@ -1,4 +1,4 @@
-"""The Triton backend against the reference (SPEC §1–3), on CUDA or, without a GPU, on the CPU through
+"""The Triton backend against the reference (docs/method.md §1–3), on CUDA or, without a GPU, on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py). The interpreter costs ~1 ms per program
 and does not catch out-of-bounds accesses, so shapes are small and bounds are checked explicitly with
 guard bands of NaN around the inputs and sentinels around the outputs.
@@ -75,7 +75,7 @@ def test_filter_loss_forward_and_backward_match_reference(shape):
 
 
 def test_float32_error_on_the_spec_case_beats_naive_float32():
-    """SPEC §2: loss within 1e-4 relative of float64, gradient no worse than 2× naive float32's error."""
+    """docs/method.md §2: loss within 1e-4 relative of float64, gradient no worse than 2× naive float32's error."""
     x = _maps((16, 3, 14, 14), seed=1)
     weights = torch.ones(3, dtype=torch.float64)
     expected = reference.filter_loss_per_filter(x, 4.0)
@@ -354,7 +354,7 @@ from fastexplain.templates import part_templates  # noqa: E402
 
 
 def _dense_pyramid(maps: torch.Tensor, beta: float) -> torch.Tensor:
-    """Σ_i maps(i)·max(0, r − ‖i − μ‖₁) from the dense template matrix (SPEC §1): (T_μ/τ + 1)·n/β."""
+    """Σ_i maps(i)·max(0, r − ‖i − μ‖₁) from the dense template matrix (docs/method.md §1): (T_μ/τ + 1)·n/β."""
     D0, D1, H, W = maps.shape
     n = max(H, W)
     templates = part_templates(H, W, beta=beta, dtype=torch.float64).reshape(H * W + 1, H * W)[1:]

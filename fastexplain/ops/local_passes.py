@@ -1,4 +1,4 @@
-"""The local passes of the global-batch filter loss (SPEC §2, docs/distributed.md): the per-rank work
+"""The local passes of the global-batch filter loss (docs/method.md §2, docs/distributed.md): the per-rank work
 between the all-reduces of :mod:`fastexplain.distributed`, one implementation per backend.
 
 ``fastexplain.distributed`` owns the collectives and the assembly (N, x̄, shift, lme, MI, the gradient's

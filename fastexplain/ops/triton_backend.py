@@ -1,4 +1,4 @@
-"""The Triton backend: fused filter loss and template mask (SPEC §2–3) for CUDA tensors.
+"""The Triton backend: fused filter loss and template mask (docs/method.md §2–3) for CUDA tensors.
 
 Runs on CUDA devices; with ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernels
 also run on CPU tensors through Triton's interpreter (slow: that is for testing, not for speed).

@@ -1,8 +1,8 @@
-"""Fused Triton filter loss −MI per filter (SPEC §1–2): kernels, launches and the torch.library op.
+"""Fused Triton filter loss −MI per filter (docs/method.md §1–2): kernels, launches and the torch.library op.
 
 Per filter c the kernels never materialise the [B, HW+1] logits, let alone a [B, C, HW+1] buffer:
 
-* template tiles T[k, t] are generated on the fly from SPEC §1 (row 0 = T⁻ = −τ, row 1+μ = T_μ);
+* template tiles T[k, t] are generated on the fly from docs/method.md §1 (row 0 = T⁻ = −τ, row 1+μ = T_μ);
 * logits s[b, t] = Σ_k xc[b, k] T[k, t] come from ``tl.dot`` over HW tiles, with xc = x − mean_b x
   (the batch-centred maps of the reference: MI is invariant to a per-template shift of s);
 * forward pass 1 (per template tile, batch tiles inside): lme_t = log mean_b e^{s[b,t]}, computed online
@@ -10,7 +10,7 @@ Per filter c the kernels never materialise the [B, HW+1] logits, let alone a [B,
 * forward pass 2 (per batch tile, template tiles inside): u = s − lme_t = log(B·q), the per-image
   mixture v_b = log(B·P_b) = c_b + log1p(Σ_t p_t expm1(u − c_b)) (c_b ≠ 0 only when max_t u < −1,
   rescaled online), and MI = Σ_t p_t mean_b f(u) − mean_b f(v) with f(u) = u·e^u − expm1(u);
-* backward (FlashAttention-style recomputation, SPEC §2 "Exact gradient"): a pre-pass stores
+* backward (FlashAttention-style recomputation, docs/method.md §2 "Exact gradient"): a pre-pass stores
   Ḡ_t = mean_b e^u (u − v), then each (filter, image tile, position tile) program recomputes s and
   accumulates dx_b(i) = −grad_c · Σ_t ∂MI/∂s[b,t] T_t(i) with ∂MI/∂s = e^u p_t (u − v − Ḡ_t) / B.
 
@@ -88,7 +88,7 @@ def _factorial(k):
 # ------------------------------------------------------------------------------------- tile builders
 @triton.jit
 def _template_values(pos, tmpl, W, n, beta, tau):
-    """T_t(i) for broadcastable index tensors pos (row-major i) and tmpl (t = 0 is T⁻): SPEC §1."""
+    """T_t(i) for broadcastable index tensors pos (row-major i) and tmpl (t = 0 is T⁻): docs/method.md §1."""
     mu = tl.maximum(tmpl - 1, 0)
     dist = tl.abs(pos // W - mu // W) + tl.abs(pos % W - mu % W)
     profile = tl.maximum(1.0 - dist.to(tau.dtype) * (beta / n), -1.0)
@@ -133,7 +133,7 @@ def _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau,
 
 @triton.jit
 def _constants(H, W, IS_FP64: tl.constexpr):
-    """(n, τ, p) in the compute dtype: n = max(H, W), τ = 0.5/(HW), every prior p_t = 1/(HW+1) (SPEC §1)."""
+    """(n, τ, p) in the compute dtype: n = max(H, W), τ = 0.5/(HW), every prior p_t = 1/(HW+1) (docs/method.md §1)."""
     hw = tl.cast(H * W, tl.float64 if IS_FP64 else tl.float32)
     n = tl.cast(tl.maximum(H, W), tl.float64 if IS_FP64 else tl.float32)
     return n, 0.5 / hw, 1.0 / (hw + 1.0)
@@ -145,7 +145,7 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
                     stride_b, stride_c, stride_h, stride_w,
                     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                     CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per filter: lme_t (pass 1), then v_b and −MI (pass 2). SPEC §2, centred one-pass form.
+    """One program per filter: lme_t (pass 1), then v_b and −MI (pass 2). docs/method.md §2, centred one-pass form.
 
     With the batch in one tile the two passes fuse: each logits tile is computed once.
     """
@@ -220,7 +220,7 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
                  stride_b, stride_c, stride_h, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                  CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of SPEC §2's gradient."""
+    """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of docs/method.md §2's gradient."""
     c = tl.program_id(0)
     HW = H * W
     T = HW + 1
@@ -323,7 +323,7 @@ def _filter_loss_forward_fake(x: Tensor, beta: float) -> tuple[Tensor, Tensor, T
 
 @register_kernel_op("fastexplain_triton::filter_loss_forward", _filter_loss_forward_fake)
 def filter_loss_forward(x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(−MI per filter [C], lme [C, HW+1], v [C, B]) of post-ReLU maps x [B, C, H, W] (SPEC §2).
+    """(−MI per filter [C], lme [C, HW+1], v [C, B]) of post-ReLU maps x [B, C, H, W] (docs/method.md §2).
 
     lme and v are the statistics the backward pass reuses; the public op returns only the loss.
     """
@@ -345,7 +345,7 @@ def _filter_loss_backward_fake(x: Tensor, lme: Tensor, v: Tensor, grad_loss: Ten
 
 @register_kernel_op("fastexplain_triton::filter_loss_backward", _filter_loss_backward_fake)
 def filter_loss_backward(x: Tensor, lme: Tensor, v: Tensor, grad_loss: Tensor, beta: float) -> Tensor:
-    """dloss/dx for loss = Σ_c grad_loss[c]·loss_c, recomputing the logits (SPEC §2 exact gradient)."""
+    """dloss/dx for loss = Σ_c grad_loss[c]·loss_c, recomputing the logits (docs/method.md §2 exact gradient)."""
     B, C, H, W = x.shape
     tiles, batch_mean, flags = _launch_settings(x)
     grad_loss = grad_loss.to(lme.dtype).contiguous()

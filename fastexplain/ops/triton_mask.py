@@ -1,4 +1,4 @@
-"""Fused Triton template mask (+ ReLU) (SPEC §3): kernels, launches and the torch.library op.
+"""Fused Triton template mask (+ ReLU) (docs/method.md §3): kernels, launches and the torch.library op.
 
 Forward, one read of x and one write of y per element: each program holds ROWS whole maps (image,
 filter) in registers, applies the optional ReLU, finds the peak μ̂ — "argmax" (first maximum in row-major
@@ -41,7 +41,7 @@ def _divide(numerator, denominator, IS_FP64: tl.constexpr):
 
 @triton.jit
 def _mask_values(pos, peak, H, W, beta, SCALE_TAU: tl.constexpr, IS_FP64: tl.constexpr):
-    """m(i) = max(1 − β‖i − μ̂‖₁ / n, −1), times τ = 0.5/(HW) when SCALE_TAU (SPEC §3)."""
+    """m(i) = max(1 − β‖i − μ̂‖₁ / n, −1), times τ = 0.5/(HW) when SCALE_TAU (docs/method.md §3)."""
     dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     dist = tl.abs(pos // W - peak // W) + tl.abs(pos % W - peak % W)
     n = tl.cast(tl.maximum(H, W), dtype)
@@ -106,7 +106,7 @@ def _mask_backward_kernel(grad_ptr, y_ptr, peak_ptr, dx_ptr, maps, C, H, W, beta
                           d_stride_b, d_stride_c, d_stride_h, d_stride_w,
                           ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, SCALE_TAU: tl.constexpr,
                           IS_FP64: tl.constexpr):
-    """dx = dy · m · 1[y > 0]: the mask is a constant rebuilt from μ̂ (SPEC §3)."""
+    """dx = dy · m · 1[y > 0]: the mask is a constant rebuilt from μ̂ (docs/method.md §3)."""
     dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pos = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -140,7 +140,7 @@ def _template_mask_forward_fake(x: Tensor, beta: float, centroid: bool, scale_ta
 @register_kernel_op("fastexplain_triton::template_mask_forward", _template_mask_forward_fake)
 def template_mask_forward(x: Tensor, beta: float, centroid: bool, scale_tau: bool,
                           relu: bool) -> tuple[Tensor, Tensor]:
-    """(y, μ̂): y = max(relu?(x)·m, 0) with x's dtype and layout, μ̂ the int32 peak index [B, C] (SPEC §3)."""
+    """(y, μ̂): y = max(relu?(x)·m, 0) with x's dtype and layout, μ̂ the int32 peak index [B, C] (docs/method.md §3)."""
     B, C, H, W = x.shape
     maps = B * C
     rows, block_hw = _tile_sizes(maps, H * W, x.device.type)
@@ -166,7 +166,7 @@ def _template_mask_backward_fake(grad_y: Tensor, y: Tensor, peaks: Tensor, beta:
 
 @register_kernel_op("fastexplain_triton::template_mask_backward", _template_mask_backward_fake)
 def template_mask_backward(grad_y: Tensor, y: Tensor, peaks: Tensor, beta: float, scale_tau: bool) -> Tensor:
-    """dx = dy · m · 1[y > 0] with m rebuilt from the saved peaks (SPEC §3)."""
+    """dx = dy · m · 1[y > 0] with m rebuilt from the saved peaks (docs/method.md §3)."""
     B, C, H, W = y.shape
     maps = B * C
     rows, block_hw = _tile_sizes(maps, H * W, y.device.type)
@@ -198,6 +198,6 @@ template_mask_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_template_mask(x: Tensor, beta: float, center: str, scale: str | None, relu: bool) -> Tensor:
-    """The masked map (SPEC §3) via the fused kernels; x already validated for rank/dtype/choices."""
+    """The masked map (docs/method.md §3) via the fused kernels; x already validated for rank/dtype/choices."""
     y, _ = template_mask_forward(x, beta, center == "centroid", scale == "tau", relu)
     return y

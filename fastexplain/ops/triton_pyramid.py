@@ -1,7 +1,7 @@
-"""The large-map form of the Triton filter loss (SPEC §1–2): no dense [HW+1, HW] template product.
+"""The large-map form of the Triton filter loss (docs/method.md §1–2): no dense [HW+1, HW] template product.
 
 The dense form (``triton_filter_loss``) multiplies every map by generated template tiles: B·C·HW·(HW+1)
-multiply-adds, growing as n⁴. This form uses the structure of the templates (SPEC §1):
+multiply-adds, growing as n⁴. This form uses the structure of the templates (docs/method.md §1):
 
     s[b, 0]   = −τ·S_b,       S_b = Σ_i xc_b(i)
     s[b, 1+μ] = τ·(−S_b + κ·P_b(μ)),   P_b(μ) = Σ_i xc_b(i)·max(0, r − ‖i − μ‖₁),  κ = β/n, r = 2n/β
