@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from .data.partworld import PartWorld
+from .train import TrainConfig
 from .zoo import CACHE_NAME, EXPLAINED_LAYER, load_or_train_performer
 
-
-# λ = 10: measured on the default demo (docs/metrics.md), λ = 1 and 3 leave the explainer's filters
-# less location-stable than the performer's; 10 meets the location and part goals.
-DEMO_EXPLAINER_OPTIONS: dict[str, Any] = {"filter_weight": 10.0}
+# The demo uses the library's defaults (ExplainerConfig, TrainConfig), the same that `fastexplain fit` uses;
+# how they were chosen is in docs/explainer.md ("Distinct part filters") and docs/diversity-experiments.md.
+DEMO_EXPLAINER_OPTIONS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class DemoSettings:
     performer_test_images: int = 500
     performer_epochs: int = 10
     explainer_images: int = 2000
-    explainer_epochs: int = 8
-    explainer_refine_epochs: int = 8   # TrainConfig.refine_epochs: part filters and p frozen, decoder catches up
-    explainer_batch_size: int = 32
+    explainer_epochs: int = TrainConfig.epochs                 # the library's defaults: what `fit` uses
+    explainer_refine_epochs: int = TrainConfig.refine_epochs   # part filters and p frozen, decoder catches up
+    explainer_batch_size: int = TrainConfig.batch_size
     eval_images: int = 800
     gallery_filters: int = 6
     gallery_images: int = 6

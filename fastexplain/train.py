@@ -46,26 +46,27 @@ SCHEDULES = ("constant", "step")
 AUTOCASTS = (None, "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
 # fields that may change between a run and its resumption
-_RESUMABLE_CHANGES = ("epochs", "num_workers", "device")
+_RESUMABLE_CHANGES = ("epochs", "refine_epochs", "num_workers", "device")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings of :func:`fit` (the loss weights λ, γ, η live in ExplainerConfig)."""
 
-    epochs: int = 20
+    epochs: int = 8
     batch_size: int = 32
     optimizer: str = "adam"          #: "adam", "adamw" or "sgd" (momentum 0.9)
     lr: float = 1e-3
     weight_decay: float = 0.0
     gate_lr_scale: float = 10.0      #: learning-rate multiplier for the parameters of p
+    part_lr_scale: float = 0.05      #: lr multiplier of the part filters at 64 input channels (× 64/C otherwise)
     schedule: str = "constant"       #: "constant" or "step" (lr × step_gamma every step_epochs epochs)
     step_epochs: int = 10
     step_gamma: float = 0.1
     #: after ``epochs`` joint epochs, this many more train only the ordinary track and the decoder (the part
     #: filters and p frozen) on reconstruction + refine_kl_weight·KL: the part filters keep what they learned
     #: while the rest of the auto-encoder catches up on fidelity (design choice, docs/explainer.md)
-    refine_epochs: int = 0
+    refine_epochs: int = 4
     refine_kl_weight: float = 1.0
     grad_clip: float | None = 5.0    #: max global gradient norm (None: no clipping)
     autocast: str | None = None      #: None (float32) or "bf16"
@@ -83,8 +84,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "step_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig: {name} must be ≥ 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be positive, got {self.lr!r}")
+        for name in ("lr", "part_lr_scale", "gate_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)!r}")
 
     def lr_factor(self, epoch: int) -> float:
         """The schedule's multiplier for 0-based ``epoch`` (independent of the total epoch count)."""
@@ -130,10 +132,26 @@ def make_explainer_config(performer: Performer, image_size: tuple[int, int],
                            target_size=None if (ht, wt) == (h, w) else (ht, wt), **values)
 
 
+PART_LR_REFERENCE_CHANNELS = 64  #: part_lr_scale is the part filters' lr multiplier at this many input channels
+
+
 def make_optimizer(explainer: Explainer, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (or AdamW/SGD) with three kinds of parameter groups: the gate of p (lr × gate_lr_scale), each
+    interpretable layer (lr × min(1, part_lr_scale × 64 / its input channels)) and the rest (lr).
+
+    Why the part filters' rate depends on their fan-in: Adam moves every weight by about lr per step, so a
+    filter's output moves by about lr × fan-in; scaling by 64 / C keeps that drift per step the same for any
+    layer width, and the identity start (``part_init``) is left as slowly on a 256-channel layer as on the
+    demo's 64-channel one (docs/explainer.md, "Distinct part filters")."""
     gate_ids = {id(p) for p in explainer.gate_parameters()}
-    groups = [{"params": [p for p in explainer.parameters() if id(p) not in gate_ids], "lr_scale": 1.0},
+    layers = (explainer.interpretable1, explainer.interpretable2)
+    part_ids = {id(p) for layer in layers for p in layer.parameters()}
+    groups = [{"params": [p for p in explainer.parameters() if id(p) not in gate_ids | part_ids], "lr_scale": 1.0},
               {"params": explainer.gate_parameters(), "lr_scale": config.gate_lr_scale}]
+    for layer in layers:
+        fan_in_channels = layer.conv.in_channels // layer.conv.groups
+        groups.append({"params": list(layer.parameters()),
+                       "lr_scale": min(1.0, config.part_lr_scale * PART_LR_REFERENCE_CHANNELS / fan_in_channels)})
     for group in groups:
         group["lr"] = config.lr * group["lr_scale"]
     if config.optimizer == "adam":
@@ -141,6 +159,15 @@ def make_optimizer(explainer: Explainer, config: TrainConfig) -> torch.optim.Opt
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+def _check_refinement_order(saved: dict[str, Any], current: TrainConfig, done: int) -> None:
+    """Joint epochs come before refinement epochs: a resume may not add joint epochs once refining began."""
+    saved_joint = int(saved.get("epochs", current.epochs))
+    if current.epochs != saved_joint and done > min(saved_joint, current.epochs):
+        raise ValueError(f"cannot resume with epochs={current.epochs}: the checkpoint already holds {done} epochs, "
+                         f"{done - saved_joint} of them refinement epochs after {saved_joint} joint ones; resume with "
+                         f"epochs={saved_joint}, or train in stages with refine_epochs=0 until the last stage")
 
 
 def _check_resumable(saved: dict[str, Any], current: TrainConfig) -> None:
@@ -269,6 +296,7 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
         optimizer.load_state_dict(state["optimizer"])
         history: list[dict[str, float]] = list(state["history"])
         start_epoch = int(state["epoch"])
+        _check_refinement_order(state["train_config"], config, start_epoch)
         torch.set_rng_state(state["rng"]["torch"])
     else:
         explainer = Explainer(make_explainer_config(performer, image_size, explainer_config)).to(device)

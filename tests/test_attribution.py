@@ -17,7 +17,7 @@ def _setup(gate: str = "scalar", head: str = "auto") -> tuple[Explainer, Perform
     with torch.no_grad():
         net[6].weight.mul_(100.0)  # a head whose logits move with the feature
     performer = Performer(net, "3", head=head)
-    explainer = Explainer(ExplainerConfig(in_channels=6, parts=5, gate=gate))
+    explainer = Explainer(ExplainerConfig(in_channels=6, parts=5, gate=gate, part_init="random"))
     images = torch.rand(3, 3, 8, 8)
     explainer.train()
     explainer(performer.features(images).input)  # sets the input/target scales

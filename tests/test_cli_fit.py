@@ -31,7 +31,7 @@ def test_fit_then_resume_then_explain(tmp_path: Path, capsys: pytest.CaptureFixt
     images = _image_folder(tmp_path / "images")
     out = tmp_path / "run"
     common = ["fit", "--model", "resnet18", "--layer", "layer3", "--num-classes", "10", "--data", str(images),
-              "--image-size", "32", "--batch-size", "2", "--out", str(out), "--quiet"]
+              "--image-size", "32", "--batch-size", "2", "--out", str(out), "--quiet", "--refine-epochs", "0"]
     assert main(common + ["--epochs", "1"]) == 0
     assert (out / "checkpoint.pt").is_file()
     assert main(common + ["--epochs", "1"]) == 2

@@ -34,7 +34,7 @@ from fastexplain.parallel import check_global_batch, rank_batches
 WORLD_SIZE = 2
 IMAGES, IMAGE_SIZE = 13, 12
 # 13 images in global batches of 5 → 5, 5, 3: uneven slices (3 + 2, 3 + 2, 2 + 1) on 2 ranks
-CONFIG = dict(batch_size=5, lr=5e-3, seed=4)
+CONFIG = dict(batch_size=5, lr=5e-3, seed=4, refine_epochs=0)  # staged resumes: no refinement
 EXPLAINER = {"parts": 4, "gate": "image"}  # the per-image gate: −log p and p are batch means too
 # Bounds reached only when something is broken: a loaded 2-core machine can take tens of seconds to start
 # the workers; the process-group timeout bounds the dead-rank phase if gloo does not notice the dead peer.
@@ -232,7 +232,7 @@ def test_the_cli_under_torchrun_trains_and_reports_once(tmp_path: Path) -> None:
         Image.fromarray(pixels.numpy()).save(tmp_path / f"img{index}.png")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
                "-m", "fastexplain.cli", "fit", "--model", "resnet18", "--layer", "layer3", "--num-classes", "4",
-               "--data", str(tmp_path), "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
+               "--data", str(tmp_path), "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--refine-epochs", "0", "--device", "cpu",
                "--out", str(tmp_path / "run")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "FASTEXPLAIN_DIST_TIMEOUT": str(GROUP_TIMEOUT_S)}
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,

@@ -23,7 +23,7 @@ def _images(count: int = 16, size: int = 12) -> torch.Tensor:
 
 
 def test_total_reconstruction_and_filter_losses_decrease(tmp_path: Path) -> None:
-    history = fit(_performer(), _images(), tmp_path, TrainConfig(epochs=6, batch_size=8, lr=5e-3), {"parts": 8},
+    history = fit(_performer(), _images(), tmp_path, TrainConfig(epochs=6, batch_size=8, lr=5e-3, refine_epochs=0), {"parts": 8},
                   progress=False)
     first, last = history[0], history[-1]
     assert last["total"] < first["total"] - 0.1
@@ -42,10 +42,10 @@ def test_p_moves_up_with_eta(tmp_path: Path) -> None:
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     options = {"parts": 4}
-    straight = fit(_performer(), _images(), tmp_path / "straight", TrainConfig(epochs=2, batch_size=6), options,
+    straight = fit(_performer(), _images(), tmp_path / "straight", TrainConfig(epochs=2, batch_size=6, refine_epochs=0), options,
                    progress=False)
-    fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=1, batch_size=6), options, progress=False)
-    resumed = fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=2, batch_size=6), options,
+    fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=1, batch_size=6, refine_epochs=0), options, progress=False)
+    resumed = fit(_performer(), _images(), tmp_path / "split", TrainConfig(epochs=2, batch_size=6, refine_epochs=0), options,
                   resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
@@ -164,3 +164,14 @@ def test_refinement_epochs_keep_part_filters_and_p_and_improve_reconstruction(tm
 def test_refinement_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="refine_epochs"):
         TrainConfig(refine_epochs=-1)
+
+
+def test_resume_cannot_add_joint_epochs_after_refinement_began(tmp_path: Path) -> None:
+    fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=1, batch_size=4, refine_epochs=1), {"parts": 4},
+        progress=False)
+    with pytest.raises(ValueError, match="cannot resume with epochs=2: .* 1 of them refinement epochs"):
+        fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=2, batch_size=4, refine_epochs=1), {"parts": 4},
+            resume=True, progress=False)
+    history = fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=1, batch_size=4, refine_epochs=2),
+                  {"parts": 4}, resume=True, progress=False)  # more refinement epochs: fine
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]

@@ -10,6 +10,15 @@ Design choices (the paper does not give them; see docs/explainer.md for the reas
   performer's scale.
 * **width**: M = ``parts`` filters in each track (default: the explained layer's channel count, capped
   at 256), so the ordinary track alone could carry the whole feature.
+* **distinct part filters** (docs/explainer.md, "Distinct part filters"; every variant measured is in
+  docs/diversity-experiments.md): trained from a random start, all part filters converge on the one most
+  peaked feature (64 filters, one part). The defaults counter this three ways: the part track starts as the
+  identity on the performer's channels (``part_init="identity"``: filter f reads channel f mod C), so the
+  filters start as distinct as the performer's own; the trainer gives the part filters a small learning rate
+  (``TrainConfig.part_lr_scale``), so they sharpen around their own channel instead of drifting to the common
+  feature; and a penalty w·mean_{f≠g} cos²(x_f, x_g) on the pre-mask maps of both layers (``diversity_weight``)
+  keeps pairs of filters from merging. ``part_groups`` > 1 splits the part track's convs into channel groups
+  (a hard version of the same idea: diverse, but barely sharper than the performer's channels).
 * **filter loss**: per filter on the post-ReLU, pre-mask map, with the "peak" scaling of
   :mod:`fastexplain.nn.interpretable` (scale-free, matched-template logit ``contrast`` = 1 nat), averaged
   over the 2M filters of both layers and divided by the template entropy H(T) = log(hw + 1): the term
@@ -43,6 +52,7 @@ from ..templates import DEFAULT_BETA, template_entropy
 from .interpretable import InterpretableConv2d, InterpretableOutput
 
 GATES = ("scalar", "image")
+PART_INITS = ("identity", "random")
 
 
 @dataclass
@@ -59,9 +69,13 @@ class ExplainerConfig:
     contrast: float = 1.0                    #: matched-template logit (nats) under "peak" scaling
     gate: str = "scalar"                     #: p: "scalar" sigmoid(θ) or "image" sigmoid(w·GAP(x*) + b)
     p_init: float = 0.5                      #: p at initialisation
-    filter_weight: float = 1.0               #: λ, weight of the normalised filter-loss term
-    kl_weight: float = 1.0                   #: γ, weight of KL(performer ‖ head(x̂)) when a head exists
+    filter_weight: float = 10.0              #: λ, weight of the normalised filter-loss term
+    kl_weight: float = 5.0                   #: γ, weight of KL(performer ‖ head(x̂)) when a head exists
     p_weight: float = 0.5                    #: η, weight of −log p
+    diversity_weight: float = 1.0            #: w, weight of the filters' pairwise map-similarity penalty
+    part_groups: int = 1                     #: channel groups of the part track's convs (1: dense)
+    part_init: str = "identity"              #: "identity" (part filter f starts on channel f) or "random"
+    decoder_width: int | None = None         #: hidden channels of the decoder (None: parts)
     backend: str | None = None               #: kernel backend for the ops (None: automatic)
 
     def __post_init__(self) -> None:
@@ -74,11 +88,16 @@ class ExplainerConfig:
         for name in ("in_channels", "target_channels", "parts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ExplainerConfig: {name} must be ≥ 1, got {getattr(self, name)!r}")
+        if self.part_init not in PART_INITS:
+            raise ValueError(f"ExplainerConfig: part_init must be one of {PART_INITS}, got {self.part_init!r}")
+        if int(self.part_groups) < 1 or (self.decoder_width is not None and int(self.decoder_width) < 1):
+            raise ValueError(f"ExplainerConfig: part_groups and decoder_width must be ≥ 1, got "
+                             f"{self.part_groups!r} and {self.decoder_width!r}")
         if self.gate not in GATES:
             raise ValueError(f"ExplainerConfig: gate must be one of {GATES}, got {self.gate!r}")
         if not 0.0 < self.p_init < 1.0:
             raise ValueError(f"ExplainerConfig: p_init must lie in (0, 1), got {self.p_init!r}")
-        for name in ("filter_weight", "kl_weight", "p_weight"):
+        for name in ("filter_weight", "kl_weight", "p_weight", "diversity_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ExplainerConfig: {name} must be ≥ 0, got {getattr(self, name)!r}")
 
@@ -103,6 +122,7 @@ class ExplainerLosses:
     kl: Tensor               #: KL(performer ‖ head(x̂)), 0 without a head
     filter: Tensor           #: mean_f loss_f / H(T) over both interpretable layers, in [−1, 0]
     neg_log_p: Tensor        #: −mean log p
+    diversity: Tensor        #: mean squared cosine similarity of the part filters' maps over pairs, both layers
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
@@ -110,7 +130,18 @@ class ExplainerLosses:
 
 @dataclass
 class ExplainerOutput:
-    """What the explainer returns for a batch."""
+    """What the explainer returns for a batch.
+
+    Attributes:
+        reconstruction: x̂ in the performer's scale, [B, C_target, h_t, w_t].
+        part_maps: the part filters' final maps (second interpretable layer, after its mask), [B, M, h, w];
+            these are what the metrics and the report call "explainer filters".
+        part_relu_maps: the same filters before the mask, [B, M, h, w].
+        p: the mixing weight x_enc = p·x_int + (1 − p)·x_ord: a scalar, or [B] with the per-image gate.
+        filter_losses: −MI per filter (docs/method.md §2) of the two interpretable layers, [M] each (zeros
+            when no loss was computed).
+        losses: the loss terms (:class:`ExplainerLosses`), None when no loss was asked for.
+    """
 
     reconstruction: Tensor         #: x̂ in the performer's scale, [B, C_target, h_t, w_t]
     part_maps: Tensor              #: the interpretable track's final (masked) maps, [B, M, h, w]
@@ -135,9 +166,11 @@ class Explainer(nn.Module):
                              contrast=config.contrast, backend=config.backend)
         self.interpretable1 = InterpretableConv2d(C, M, 3, **layer_options)
         self.interpretable2 = InterpretableConv2d(M, M, 3, **layer_options)
+        self._shape_part_track(C, M)
         self.ordinary = nn.Conv2d(C, M, 3, padding=1)
-        self.decoder1 = nn.Conv2d(M, M, 3, padding=1)
-        self.decoder2 = nn.Conv2d(M, Ct, 3, padding=1)
+        hidden = int(config.decoder_width or M)
+        self.decoder1 = nn.Conv2d(M, hidden, 3, padding=1)
+        self.decoder2 = nn.Conv2d(hidden, Ct, 3, padding=1)
         if config.gate == "scalar":
             self.gate_logit = nn.Parameter(torch.tensor(_logit(config.p_init)))
         else:
@@ -148,6 +181,23 @@ class Explainer(nn.Module):
         self.register_buffer("target_scale", torch.ones(()))
         self.register_buffer("scale_count", torch.zeros((), dtype=torch.long))
         self.process_group: Any = None
+
+    @torch.no_grad()
+    def _shape_part_track(self, C: int, M: int) -> None:
+        """Grouped part-track convs (``part_groups``) and the identity start (``part_init``)."""
+        groups, init = self.config.part_groups, self.config.part_init
+        if groups > 1:
+            if C % groups or M % groups:
+                raise ValueError(f"ExplainerConfig: part_groups={groups} must divide the channels ({C}) and parts ({M})")
+            self.interpretable1.conv = nn.Conv2d(C, M, 3, padding=1, groups=groups)
+            self.interpretable2.conv = nn.Conv2d(M, M, 3, padding=1, groups=groups)
+        if init == "identity":
+            for conv in (self.interpretable1.conv, self.interpretable2.conv):
+                conv.weight.zero_()
+                conv.bias.zero_()
+                per_group = conv.weight.shape[1]
+                for f in range(conv.weight.shape[0]):
+                    conv.weight[f, f % per_group, 1, 1] = 1.0
 
     def set_process_group(self, process_group: Any, ddp_gradients: bool = True) -> "Explainer":
         """Compute every batch statistic over the global batch of ``process_group``'s ranks (None: this
@@ -216,8 +266,8 @@ class Explainer(nn.Module):
         if self.training:
             self._update_scales(x_star, target)
         x_norm = x_star / self.input_scale.to(x_star.dtype)
-        first: InterpretableOutput = self.interpretable1.detailed(x_norm, compute_loss=compute_loss)
-        second: InterpretableOutput = self.interpretable2.detailed(first.output, compute_loss=compute_loss)
+        first = self.interpretable1.detailed(x_norm, compute_loss=compute_loss)
+        second = self.interpretable2.detailed(first.output, compute_loss=compute_loss)
         x_ord = torch.relu(self.ordinary(x_norm))
         p = self.mixing_weight(x_norm)
         p_map = p if p.dim() == 0 else p.view(-1, 1, 1, 1)
@@ -228,6 +278,7 @@ class Explainer(nn.Module):
         if compute_loss:
             losses = self._losses(reconstruction_normalised, reconstruction, target, p,
                                   (first.filter_loss, second.filter_loss), performer_logits, head,
+                                  part_relu_maps=(first.relu_map, second.relu_map),
                                   hw=x_star.shape[-2] * x_star.shape[-1])
         return ExplainerOutput(reconstruction=reconstruction, part_maps=second.output,
                                part_relu_maps=second.relu_map, p=p,
@@ -235,7 +286,8 @@ class Explainer(nn.Module):
 
     def _losses(self, reconstruction_normalised: Tensor, reconstruction: Tensor, target: Tensor, p: Tensor,
                 filter_losses: tuple[Tensor, Tensor], performer_logits: Tensor | None,
-                head: Callable[[Tensor], Tensor] | None, hw: int) -> ExplainerLosses:
+                head: Callable[[Tensor], Tensor] | None, hw: int,
+                part_relu_maps: tuple[Tensor, ...] = ()) -> ExplainerLosses:
         config = self.config
         if target.shape[1:] != reconstruction.shape[1:]:
             raise ValueError(f"Explainer: target of shape {tuple(target.shape)} does not match the decoder "
@@ -261,7 +313,19 @@ class Explainer(nn.Module):
         kl = kl_sum / images if has_kl else kl_sum.new_zeros(())
         neg_log_p = neg_log_p_sum / images if per_image_p else -log_p
         filter_term = torch.cat([f.float() for f in filter_losses]).mean() / template_entropy(hw, 1)
+        diversity = error.new_zeros(())
+        if config.diversity_weight > 0:
+            diversity = torch.stack([self._similarity(maps) for maps in part_relu_maps]).mean()
         total = (reconstruction_loss + config.kl_weight * kl + config.filter_weight * filter_term
-                 + config.p_weight * neg_log_p)
+                 + config.p_weight * neg_log_p + config.diversity_weight * diversity)
         return ExplainerLosses(total=total, reconstruction=reconstruction_loss, kl=kl,
-                               filter=filter_term, neg_log_p=neg_log_p)
+                               filter=filter_term, neg_log_p=neg_log_p, diversity=diversity)
+
+    def _similarity(self, maps: Tensor) -> Tensor:
+        """Mean over filter pairs f ≠ g of cos²(x_f, x_g), the maps taken as vectors over batch and cells."""
+        flat = maps.float().transpose(0, 1).reshape(maps.shape[1], -1)
+        gram = differentiable_sum(flat @ flat.T, self.process_group)
+        norms = gram.diagonal().clamp_min(1e-12).sqrt()
+        cosine = gram / (norms[:, None] * norms[None, :])
+        M = maps.shape[1]
+        return (cosine.pow(2).sum() - cosine.diagonal().pow(2).sum()) / max(M * (M - 1), 1)
