@@ -1,4 +1,4 @@
-"""Measurements for ``benchmarks/run.py``: wall time, peak extra memory, machine floors (SPEC §7).
+"""Measurements for ``benchmarks/run.py``: wall time, peak extra memory, machine floors (docs/metrics.md (goals)).
 
 * **Time**: wall-clock seconds of ``step(); sync()`` after the case's warm-up, repeated until both a
   minimum number of repetitions and a time budget are reached; the median is reported.

@@ -1,4 +1,4 @@
-"""pytest-benchmark glue: parametrisation over (backend, shape) and the timed call (SPEC §7).
+"""pytest-benchmark glue: parametrisation over (backend, shape) and the timed call (docs/metrics.md (goals)).
 
 Each ``benchmarks/test_bench_*.py`` file calls :func:`run_benchmark` for its workload. Unavailable
 backends are skipped with their reason; cases are built (compiled and warmed up) before timing.

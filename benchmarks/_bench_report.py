@@ -1,4 +1,4 @@
-"""Turn the JSON written by ``benchmarks/run.py`` into ``RESULTS.md`` and a log-log scaling plot (SPEC §7)."""
+"""Turn the JSON written by ``benchmarks/run.py`` into ``RESULTS.md`` and a log-log scaling plot (docs/metrics.md (goals))."""
 from __future__ import annotations
 
 import json
@@ -177,7 +177,7 @@ def _fastest_unfused(by_key, workload: str, shape: tuple[int, ...]) -> tuple[str
 
 
 def _targets_section(run: dict[str, Any], by_key) -> list[str]:
-    """The SPEC §7 / issue 12 targets for each fused backend, with the measured value and a verdict."""
+    """The docs/metrics.md (goals) / issue 12 targets for each fused backend, with the measured value and a verdict."""
     rows = []
     slopes = scaling_slopes(run)
     for backend in [b for b in FUSED if any(k[2] == b and "median_s" in case for k, case in by_key.items())]:
@@ -202,7 +202,7 @@ def _targets_section(run: dict[str, Any], by_key) -> list[str]:
                 checks.append((rows_label, fastest[1] / mine["median_s"], compile_goal))
         checks.append(("filter loss fwd+bwd peak memory 64×512×14², reference / fused",
                        ratio("filter_loss_fwd_bwd", headline, "reference", "peak_extra_bytes"), 20))
-        if backend == "triton":  # SPEC §7: on a GPU, fwd + bwd within 3× of the memory-bandwidth floor
+        if backend == "triton":  # docs/metrics.md (goals): on a GPU, fwd + bwd within 3× of the memory-bandwidth floor
             case = by_key.get(("filter_loss_fwd_bwd", headline, backend), {})
             floor = _floor_seconds(run, "filter_loss_fwd_bwd", list(headline), case.get("input_bytes", 0))
             checks.append(("filter loss fwd+bwd 64×512×14², bandwidth floor / time",
@@ -222,7 +222,7 @@ def _targets_section(run: dict[str, Any], by_key) -> list[str]:
                         f"{'met' if slope <= 3.2 else 'not met'} |")
     if not rows:
         return []
-    return ["### Targets (SPEC §7, issue 12)", "", "| backend | target | goal | measured | verdict |",
+    return ["### Targets (docs/metrics.md (goals), issue 12)", "", "| backend | target | goal | measured | verdict |",
             "|---|---|---|---|---|", *rows, "",
             "(slope verdict allows 0.2 for timing noise; \"fastest non-fused\" is the fastest plain-PyTorch column "
             "of the same run, held to the compile(textbook) goal)", ""]
@@ -373,7 +373,7 @@ def _scaling_section(run: dict[str, Any], png: Path | None) -> list[str]:
         lines.append(f"| slope ({sizes[-2]}→{sizes[-1]}) | " + " | ".join(
             f"{slopes[b]['last']:.2f}" if b in slopes else "—" for b in backends) + " |")
     lines += ["", "The reference materialises B·C·(HW+1)·HW template products, so it grows as n⁴; a fused kernel "
-              "using the L1-pyramid structure of the templates should grow as n³ or less (SPEC §1, §7). "
+              "using the L1-pyramid structure of the templates should grow as n³ or less (docs/method.md §1). "
               "Small n is dominated by fixed per-call costs, so the last slope is the asymptotic one.", ""]
     if png is not None:
         lines += [f"![time vs n, log-log]({png.as_posix()})", ""]

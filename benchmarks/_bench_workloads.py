@@ -1,4 +1,4 @@
-"""Benchmark workloads shared by the pytest-benchmark files and ``benchmarks/run.py`` (SPEC §7).
+"""Benchmark workloads shared by the pytest-benchmark files and ``benchmarks/run.py`` (docs/metrics.md (goals)).
 
 A *case* is (workload, backend, shape). Its ``step()`` runs the workload once; ``sync()`` waits for
 the device. Backends:
@@ -15,11 +15,11 @@ the device. Backends:
 A backend that cannot run here is skipped with the reason from ``fastexplain.ops.availability()``.
 Workloads (inputs pre-allocated, gradient buffers reset with ``x.grad = None``):
 
-* ``filter_loss_fwd``      — ``filter_loss(x)`` under ``torch.no_grad()`` (SPEC §2);
+* ``filter_loss_fwd``      — ``filter_loss(x)`` under ``torch.no_grad()`` (docs/method.md §2);
 * ``filter_loss_fwd_bwd``  — ``filter_loss(x).backward()``;
-* ``mask_relu_fwd_bwd``    — ``relu_template_mask(z).backward(g)`` on a conv-output-like z (SPEC §3);
+* ``mask_relu_fwd_bwd``    — ``relu_template_mask(z).backward(g)`` on a conv-output-like z (docs/method.md §3);
 * ``layer_fwd_bwd``        — one ``fastexplain.nn.InterpretableConv2d(C, C, 3)``: conv → ReLU → filter
-  loss → mask (SPEC §3), forward and backward of Σ output + Σ_f loss_f;
+  loss → mask (docs/method.md §3), forward and backward of Σ output + Σ_f loss_f;
 * ``explainer_step``       — one training step of ``fastexplain.nn.Explainer`` (when it exists).
 
 ``FASTEXPLAIN_BENCH_TINY=1`` swaps the shapes for tiny ones so that CI can run every file once.
@@ -156,7 +156,7 @@ def textbook_filter_loss(x: Tensor) -> Tensor:
 
 
 def _filter_loss_fn(backend: str) -> Callable[[Tensor], Tensor]:
-    """x -> Σ_f loss_f for the backend (SPEC §2); the compile backends compile the reference or textbook form."""
+    """x -> Σ_f loss_f for the backend (docs/method.md §2); the compile backends compile the reference or textbook form."""
     if backend == "compile":
         return _compiled(lambda x: reference.filter_loss_per_filter(x, DEFAULT_BETA).sum())
     if backend == "textbook":
@@ -168,7 +168,7 @@ def _filter_loss_fn(backend: str) -> Callable[[Tensor], Tensor]:
 
 
 def _relu_mask_fn(backend: str) -> Callable[[Tensor], Tensor]:
-    """z -> max(relu(z) ⊙ m, 0) for the backend (SPEC §3, default argmax centre, no τ)."""
+    """z -> max(relu(z) ⊙ m, 0) for the backend (docs/method.md §3, default argmax centre, no τ)."""
     if backend == "compile":
         return _compiled(lambda z: reference.template_mask(z, DEFAULT_BETA, "argmax", None, True))
     name = backend
@@ -176,7 +176,7 @@ def _relu_mask_fn(backend: str) -> Callable[[Tensor], Tensor]:
 
 
 def _layer_fn(backend: str, layer: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """features -> Σ(masked output) + Σ_f loss_f of one InterpretableConv2d (SPEC §3)."""
+    """features -> Σ(masked output) + Σ_f loss_f of one InterpretableConv2d (docs/method.md §3)."""
     def objective(features: Tensor) -> Tensor:
         result = layer.detailed(features, compute_loss=True) if hasattr(layer, "detailed") else layer(features)
         return result.output.sum() + result.filter_loss.sum()
@@ -291,7 +291,7 @@ def _explainer_skip_reason(backend: str) -> str | None:
 
 
 def _explainer_step(backend: str, shape: tuple[int, int, int], device: torch.device, seed: int) -> Callable[[], None]:
-    """One Adam step of the default Explainer (SPEC §4) on a random performer feature x* [B, C, n, n]."""
+    """One Adam step of the default Explainer (docs/method.md §4) on a random performer feature x* [B, C, n, n]."""
     from fastexplain.nn import Explainer, ExplainerConfig
 
     B, C, n = shape

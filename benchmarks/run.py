@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run.py --tiny          # seconds-long pipeline check on tiny shapes
     .venv/bin/python benchmarks/run.py --report-only   # rebuild RESULTS.md and the plots from the JSON
 
-Measures, in one process (SPEC §7): the machine floors (copy bandwidth, exp throughput, one copy of
+Measures, in one process (docs/metrics.md (goals)): the machine floors (copy bandwidth, exp throughput, one copy of
 each map), every (workload, shape, backend) case of ``_bench_workloads`` — median time over repeated
 steps after compile and warm-up, and peak extra memory of one step under ``torch.profiler`` — and the
 scaling of the filter loss in n at fixed (B, C). The process re-executes itself once with

@@ -1,4 +1,4 @@
-"""One explainer training step (forward, backward, Adam update; SPEC §4) on a random feature x*."""
+"""One explainer training step (forward, backward, Adam update; docs/method.md §4) on a random feature x*."""
 from __future__ import annotations
 
 from _bench_pytest import backend_param, run_benchmark, shape_param

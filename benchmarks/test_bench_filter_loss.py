@@ -1,4 +1,4 @@
-"""Filter loss (SPEC §2), forward and forward + backward, per backend and shape."""
+"""Filter loss (docs/method.md §2), forward and forward + backward, per backend and shape."""
 from __future__ import annotations
 
 from _bench_pytest import backend_param, run_benchmark, shape_param

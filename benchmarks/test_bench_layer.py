@@ -1,4 +1,4 @@
-"""One interpretable conv layer (conv 3×3 → ReLU → filter loss → mask, SPEC §3), forward + backward."""
+"""One interpretable conv layer (conv 3×3 → ReLU → filter loss → mask, docs/method.md §3), forward + backward."""
 from __future__ import annotations
 
 from _bench_pytest import backend_param, run_benchmark, shape_param

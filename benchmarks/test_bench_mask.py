@@ -1,4 +1,4 @@
-"""Fused ReLU + template mask (SPEC §3), forward + backward, per backend and shape."""
+"""Fused ReLU + template mask (docs/method.md §3), forward + backward, per backend and shape."""
 from __future__ import annotations
 
 from _bench_pytest import backend_param, run_benchmark, shape_param

@@ -1,7 +1,7 @@
 """A slow, independent oracle for the filter loss: explicit loops over images and templates in Python floats.
 
 It shares no code with fastexplain: templates, priors and the mutual information are written out again
-straight from SPEC §1–2 (the textbook, un-centred form, in double precision).
+straight from docs/method.md §1–2 (the textbook, un-centred form, in double precision).
 """
 from __future__ import annotations
 

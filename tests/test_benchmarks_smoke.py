@@ -1,7 +1,7 @@
 """The benchmark suite never rots: every benchmark file and run.py run once, untimed, on tiny shapes.
 
 The benchmarks are skipped by the normal test command (``--benchmark-skip`` in pyproject's addopts);
-here they run in a subprocess with ``FASTEXPLAIN_BENCH_TINY=1`` and ``--benchmark-disable`` (SPEC §7).
+here they run in a subprocess with ``FASTEXPLAIN_BENCH_TINY=1`` and ``--benchmark-disable`` (docs/metrics.md (goals)).
 """
 from __future__ import annotations
 

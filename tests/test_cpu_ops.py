@@ -1,4 +1,4 @@
-"""The fused C++ CPU kernels against the plain-PyTorch reference (issue 3, SPEC §2–3)."""
+"""The fused C++ CPU kernels against the plain-PyTorch reference (issue 3, docs/method.md §2–3)."""
 from __future__ import annotations
 
 import os
@@ -64,7 +64,7 @@ def test_filter_loss_float64_matches_reference(n):
 @pytest.mark.parametrize("n", EDGE_SIZES)
 @pytest.mark.parametrize("scale", [1.0, 50.0, 1e4])
 def test_filter_loss_float32_accuracy(n, scale):
-    """Loss within 1e-4 relative of float64; gradient error ≤ 2× the naive float32 reference's (SPEC §2)."""
+    """Loss within 1e-4 relative of float64; gradient error ≤ 2× the naive float32 reference's (docs/method.md §2)."""
     H, W = n, n + 1
     x64 = random_maps((6, 2, H, W), scale=scale, seed=n)
     exact_loss, exact_grad = loss_and_grad(x64, backend="reference")

@@ -1,4 +1,4 @@
-"""Known-answer tests of the part-diversity metrics (SPEC §5 "Part diversity")."""
+"""Known-answer tests of the part-diversity metrics (docs/method.md §5 "Part diversity")."""
 import math
 
 import pytest

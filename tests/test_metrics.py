@@ -1,4 +1,4 @@
-"""Metrics of SPEC §5 on cases with known answers."""
+"""Metrics of docs/method.md §5 on cases with known answers."""
 from __future__ import annotations
 
 import math

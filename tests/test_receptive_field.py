@@ -1,4 +1,4 @@
-"""Receptive-field centres (SPEC §5): closed forms, a gradient-support check, and the reported fallback."""
+"""Receptive-field centres (docs/method.md §5): closed forms, a gradient-support check, and the reported fallback."""
 from __future__ import annotations
 
 import pytest

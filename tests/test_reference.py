@@ -1,4 +1,4 @@
-"""The reference filter loss and mask: the project's ground truth (SPEC §2–3)."""
+"""The reference filter loss and mask: the project's ground truth (docs/method.md §2–3)."""
 import math
 
 import pytest
@@ -86,7 +86,7 @@ def test_identical_maps_give_zero_loss():
 
 
 def decomposition(x: torch.Tensor) -> torch.Tensor:
-    """−MI = −H(T) + H(T′|X) + Σ_x p(T⁺, x)·H(T⁺ | X = x) (SPEC §2, [ICNN] with the signs fixed)."""
+    """−MI = −H(T) + H(T′|X) + Σ_x p(T⁺, x)·H(T⁺ | X = x) (docs/method.md §2, [ICNN] with the signs fixed)."""
     B, C, H, W = x.shape
     s = reference.template_logits(x, 4.0)                                   # [C, B, T]
     q = torch.softmax(s, dim=1)

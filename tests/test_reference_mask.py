@@ -1,4 +1,4 @@
-"""The reference template mask (SPEC §3) against loops written from the spec."""
+"""The reference template mask (docs/method.md §3) against loops written from the spec."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The explainer network of [EXPL] (SPEC §4): an auto-encoder of a performer's feature map whose encoder
+"""The explainer network of [EXPL] (docs/method.md §4): an auto-encoder of a performer's feature map whose encoder
 has an interpretable track (two interpretable conv layers, the "part filters") and an ordinary track,
 mixed by a weight p that measures how much of the feature the part filters explain.
 
@@ -23,7 +23,7 @@ Design choices (the paper does not give them; see docs/explainer.md for the reas
   :mod:`fastexplain.nn.interpretable` (scale-free, matched-template logit ``contrast`` = 1 nat), averaged
   over the 2M filters of both layers and divided by the template entropy H(T) = log(hw + 1): the term
   lies in [−1, 0], so λ is a plain relative weight (λ = 1 ≈ "as important as a perfect reconstruction").
-  The SPEC's raw ``λ_spec · Σ_f loss_f`` corresponds to λ_spec ≈ λ / (2M · H(T)) at the normalised scale.
+  A raw ``λ_raw · Σ_f loss_f`` (docs/method.md §2) corresponds to λ_raw ≈ λ / (2M · H(T)) at the normalised scale.
 * **p**: a learned scalar sigmoid(θ) (default, θ initialised at logit(``p_init``) = 0) or a per-image gate
   sigmoid(w·GAP(x*/scale) + b) with w = 0, b = logit(p_init) at init. The −η·log p term pushes p up;
   the trainer gives the gate a larger learning rate (``TrainConfig.gate_lr_scale``) because under Adam a
@@ -63,7 +63,7 @@ class ExplainerConfig:
     target_channels: int | None = None       #: C of the target layer (None: in_channels)
     target_size: tuple[int, int] | None = None  #: (h, w) of the target layer (None: the input's)
     parts: int | None = None                 #: M filters per track (None: min(in_channels, 256))
-    beta: float = DEFAULT_BETA               #: template slope β (SPEC §1)
+    beta: float = DEFAULT_BETA               #: template slope β (docs/method.md §1)
     center: str = "argmax"                   #: mask centre: "argmax" (paper) or "centroid"
     loss_scale: str = "peak"                 #: filter-loss scaling: "peak" (scale-free) or "none" (raw)
     contrast: float = 1.0                    #: matched-template logit (nats) under "peak" scaling
@@ -115,7 +115,7 @@ class ExplainerConfig:
 
 @dataclass
 class ExplainerLosses:
-    """The loss terms of one batch (SPEC §4); ``total`` is what the trainer minimises."""
+    """The loss terms of one batch (docs/method.md §4); ``total`` is what the trainer minimises."""
 
     total: Tensor
     reconstruction: Tensor   #: ‖x̂ − x*‖² / ‖x*‖² on normalised features
@@ -156,7 +156,7 @@ def _logit(p: float) -> float:
 
 
 class Explainer(nn.Module):
-    """The explainer network of SPEC §4; build it from an :class:`ExplainerConfig`."""
+    """The explainer network of docs/method.md §4; build it from an :class:`ExplainerConfig`."""
 
     def __init__(self, config: ExplainerConfig) -> None:
         super().__init__()
@@ -214,7 +214,7 @@ class Explainer(nn.Module):
 
     @torch.no_grad()
     def _update_scales(self, x_star: Tensor, target: Tensor) -> None:
-        """Cumulative mean over training batches of the per-image RMS (the SPEC's fixed norm scale)."""
+        """Cumulative mean over training batches of the per-image RMS (the fixed norm scale of docs/method.md §4)."""
         rms = [feature.detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() for feature in (x_star, target)]
         if self.process_group is None:
             B, batch_means = x_star.shape[0], [values.mean() for values in rms]

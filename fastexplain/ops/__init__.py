@@ -1,4 +1,4 @@
-"""Public ops and the dispatcher: validate, pick a backend, reduce (SPEC §2–3)."""
+"""Public ops and the dispatcher: validate, pick a backend, reduce (docs/method.md §2–3)."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -15,11 +15,11 @@ __all__ = ["filter_loss", "template_mask", "relu_template_mask", "availability",
 def filter_loss(x: Tensor, *, beta: float = DEFAULT_BETA, reduction: str = "sum",
                 backend: str | None = None, process_group: object | None = None,
                 ddp_gradients: bool = False) -> Tensor:
-    """The filter loss −MI of SPEC §2, exact over the batch, for post-ReLU maps x [B, C, H, W].
+    """The filter loss −MI of docs/method.md §2, exact over the batch, for post-ReLU maps x [B, C, H, W].
 
     ``reduction``: "sum" over filters (the paper's Σ_f loss_f), "mean", or "none" ([C]).
     The result is float32 (float64 for float64 inputs) whatever the input dtype; fp16/bf16 are upcast.
-    Multiply by the weight λ yourself: the loss is ~1e-4 per filter for unit-scale maps (SPEC §2).
+    Multiply by the weight λ yourself: the loss is ~1e-4 per filter for unit-scale maps (docs/method.md §2).
     ``process_group``: a torch.distributed group (e.g. ``dist.group.WORLD``): the loss and its gradient are
     the exact −MI over the union of all ranks' batches, a collective call (docs/distributed.md).
     ``ddp_gradients=True`` (with a group) scales the gradient reaching x by the group size, for DDP.
@@ -55,7 +55,7 @@ def _mask(x: Tensor, beta: float, center: str, scale: str | None, backend: str |
 
 def template_mask(x: Tensor, *, beta: float = DEFAULT_BETA, center: str = "argmax", scale: str | None = None,
                   backend: str | None = None) -> Tensor:
-    """y = max(x ⊙ m, 0) with m the template at each map's peak μ̂ (SPEC §3).
+    """y = max(x ⊙ m, 0) with m the template at each map's peak μ̂ (docs/method.md §3).
 
     ``center``: "argmax" (paper; ties go to the first position in row-major order) or "centroid"
     (official code). ``scale``: None (official code, no τ) or "tau" (the paper's literal x ⊙ T_μ̂).

@@ -1,4 +1,4 @@
-"""Backends and how one is chosen (SPEC §8).
+"""Backends and how one is chosen (docs/method.md).
 
 A backend is a pair of functions on validated inputs:
 

@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend (SPEC §2–3, issue 3): builds csrc/ on first use and wraps its custom ops.
+"""The fused C++ CPU backend (docs/method.md §2–3, issue 3): builds csrc/ on first use and wraps its custom ops.
 
 The kernels live in ``csrc/`` (one file per op, plus the ``TORCH_LIBRARY(fastexplain, m)`` schema) and are
 compiled just in time with ``torch.utils.cpp_extension.load`` the first time the backend is loaded (about

@@ -1,13 +1,13 @@
-"""Plain-PyTorch filter loss and template mask (SPEC §2–3): the ground truth and the fallback.
+"""Plain-PyTorch filter loss and template mask (docs/method.md §2–3): the ground truth and the fallback.
 
-Everything here is written for readability against SPEC.md and differentiated by autograd; the fused
+Everything here is written for readability against docs/method.md and differentiated by autograd; the fused
 backends are tested against it. Per filter, with s[b, t] = Σ_i x_b(i) T_t(i):
 
     log q[b,t] = s[b,t] − logsumexp_b' s[b',t]        p(x_b | T_t)
     P[b]       = Σ_t p_t q[b,t]                        p(x_b)
     MI         = Σ_t p_t Σ_b q log q − Σ_b P log P     loss = −MI
 
-Numerics (SPEC §2, "Scale"): MI is ~1e-4 nats for unit-scale maps while both terms above are ≈ −log B,
+Numerics (docs/method.md §2, "Scale"): MI is ~1e-4 nats for unit-scale maps while both terms above are ≈ −log B,
 so we work with centred quantities that stay near 0:
 
     u[b,t] = log(B·q[b,t]) = s[b,t] − lme_t,  lme_t = log mean_b exp s[b,t]
@@ -97,7 +97,7 @@ def mutual_information(s: Tensor, priors: Tensor) -> Tensor:
 
 
 def filter_loss_per_filter(x: Tensor, beta: float) -> Tensor:
-    """−MI_f for every filter f of x [B, C, H, W]: a [C] tensor in the compute dtype (SPEC §2)."""
+    """−MI_f for every filter f of x [B, C, H, W]: a [C] tensor in the compute dtype (docs/method.md §2)."""
     check_values(x, "filter_loss", nonnegative=True)
     B, C, H, W = x.shape
     priors = template_priors(H, W, dtype=compute_dtype(x), device=x.device)
@@ -111,7 +111,7 @@ def filter_loss_per_filter(x: Tensor, beta: float) -> Tensor:
 def naive_filter_loss_per_filter(x: Tensor, beta: float) -> Tensor:
     """The textbook one-pass form with logsumexp, no centring: kept only as the error yardstick.
 
-    In float32 it loses up to 1e-2 of the loss value (SPEC §2); the fused backends' gradients are judged
+    In float32 it loses up to 1e-2 of the loss value (docs/method.md §2); the fused backends' gradients are judged
     against this form's error in float32.
     """
     B, C, H, W = x.shape
@@ -124,7 +124,7 @@ def naive_filter_loss_per_filter(x: Tensor, beta: float) -> Tensor:
 
 
 def peak_indices(x: Tensor, center: str) -> Tensor:
-    """μ̂ per (image, filter) as a row-major index [B, C] (int64) (SPEC §3).
+    """μ̂ per (image, filter) as a row-major index [B, C] (int64) (docs/method.md §3).
 
     "argmax": first maximal position in row-major order. "centroid": the activation-weighted mean
     position, each coordinate rounded half up (floor(c + 0.5)) and clamped to the grid; an all-zero map
@@ -146,7 +146,7 @@ def peak_indices(x: Tensor, center: str) -> Tensor:
 
 
 def masks_at(peaks: Tensor, H: int, W: int, beta: float, dtype: torch.dtype) -> Tensor:
-    """m(i) = max(1 − β‖i − μ̂‖₁ / n, −1) for every (image, filter): [B, C, H, W] (SPEC §3)."""
+    """m(i) = max(1 − β‖i − μ̂‖₁ / n, −1) for every (image, filter): [B, C, H, W] (docs/method.md §3)."""
     dist = l1_distances(H, W, dtype=dtype, device=peaks.device)[peaks]  # [B, C, HW]
     return mask_profile(dist, max(H, W), beta).reshape(*peaks.shape, H, W)
 
@@ -154,7 +154,7 @@ def masks_at(peaks: Tensor, H: int, W: int, beta: float, dtype: torch.dtype) -> 
 def template_mask(x: Tensor, beta: float, center: str, scale: str | None, relu: bool) -> Tensor:
     """y = max(x ⊙ m, 0) (times τ when scale="tau"), x first passed through ReLU when relu=True.
 
-    The mask is a constant for autograd: ∂y/∂x = m · 1[x ⊙ m > 0] (SPEC §3).
+    The mask is a constant for autograd: ∂y/∂x = m · 1[x ⊙ m > 0] (docs/method.md §3).
     """
     op = "relu_template_mask" if relu else "template_mask"
     check_values(x, op, nonnegative=False)
