@@ -12,7 +12,9 @@ checkpoint holds the explainer and optimiser states, the epoch count, the histor
 
 Defaults (see docs/explainer.md): Adam, lr 1e-3, the gate's lr ×10 (``gate_lr_scale``: under Adam a
 scalar moves at most ~lr per step, so p would need thousands of steps to move from 0.5), constant
-schedule, gradient-norm clipping at 5, batch 32, 20 epochs, float32 (``autocast="bf16"`` optional).
+schedule, gradient-norm clipping at 5, batch 32, 8 joint epochs then 4 refinement epochs, the part filters'
+lr × 0.05 × 64 / C_in (``part_lr_scale``: they leave their identity start slowly, so that they stay distinct;
+docs/explainer.md, "Distinct part filters"), float32 (``autocast="bf16"`` optional).
 
 Several processes (``torchrun --nproc_per_node R``, see docs/distributed.md and
 :mod:`fastexplain.parallel`): ``batch_size`` is the *global* batch; each global batch of the same
