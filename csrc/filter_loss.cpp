@@ -158,6 +158,26 @@ void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F*
 }
 
 // Logits s[t][b] = Σ_i x_b(i)·T_t(i) = τ·(−S_b + (β/n)·pyramid[t−1][b]) (0 for t = 0 … τ·(−S_b)), into s.
+// The double-precision workspace of float filters whose logits are too large for float32 (made on first use, one
+// per thread): the filter's maps gathered again in double, with its per-template and per-image statistics.
+struct WideFilter {
+  std::unique_ptr<Workspace<double>> ws;
+  std::vector<double> lme, v;
+
+  template <typename scalar_t>
+  Workspace<double>& gather(const scalar_t* x_data, const LossGeometry& g, const PyramidPlan& plan, int64_t c,
+                            bool& nonfinite, bool& negative) {
+    if (!ws) {
+      ws = std::make_unique<Workspace<double>>(g, plan);
+      lme.resize(2 * g.T);
+      v.resize(g.B);
+    }
+    gather_centred_maps(x_data, g, c, ws->pyramid.data(), ws->image_rows.data(), ws->maps.data(), false, nonfinite,
+                        negative);
+    return *ws;
+  }
+};
+
 template <typename F>
 void template_logits(const LossGeometry& g, Workspace<F>& ws, F* s) {
   F* __restrict totals = ws.row.data();
@@ -359,8 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
   const double wide_bound = wide_logit_bound();
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     Workspace<F> ws(g, plan);
-    std::unique_ptr<Workspace<double>> wide;  // the double workspace of large-scale float filters, made on demand
-    std::vector<double> wide_lme, wide_v;
+    WideFilter wide;  // large-scale float filters are computed in double
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;
       if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
@@ -373,23 +392,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
       }
       if constexpr (!std::is_same_v<F, double>) {
         if (logit_bound(g, ws.maps.data()) > wide_bound) {
-          if (!wide) {
-            wide = std::make_unique<Workspace<double>>(g, plan);
-            wide_lme.resize(2 * g.T);
-            wide_v.resize(g.B);
-          }
-          gather_centred_maps(x_data, g, c, wide->pyramid.data(), wide->image_rows.data(), wide->maps.data(), false,
-                              nonfinite, negative);
-          loss_data[c] = static_cast<F>(filter_forward(g, *wide, wide_lme.data(), wide_v.data()));
+          Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
+          loss_data[c] = static_cast<F>(filter_forward(g, wide_ws, wide.lme.data(), wide.v.data()));
           // lme_t = centre + log_mean is saved as two floats: the rounded centre, and log_mean plus the centre's
           // rounding residue, so that the backward pass rebuilds u = (s − lme0) − lme1 in double to ~1e-7 of |lme1|.
           for (int64_t t = 0; t < g.T; ++t) {
-            const F high = static_cast<F>(wide_lme[t]);
+            const F high = static_cast<F>(wide.lme[t]);
             lme_data[c * 2 * g.T + t] = high;
             lme_data[c * 2 * g.T + g.T + t] =
-                static_cast<F>(wide_lme[g.T + t] + (wide_lme[t] - static_cast<double>(high)));
+                static_cast<F>(wide.lme[g.T + t] + (wide.lme[t] - static_cast<double>(high)));
           }
-          for (int64_t b = 0; b < g.B; ++b) v_data[c * g.B + b] = static_cast<F>(wide_v[b]);
+          for (int64_t b = 0; b < g.B; ++b) v_data[c * g.B + b] = static_cast<F>(wide.v[b]);
           continue;
         }
       }
@@ -570,8 +583,7 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
   const double wide_bound = wide_logit_bound();
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     Workspace<F> ws(g, plan);
-    std::unique_ptr<Workspace<double>> wide;  // filters the forward pass computed in double are differentiated in double
-    std::vector<double> wide_lme, wide_v;
+    WideFilter wide;  // filters the forward pass computed in double are differentiated in double
     for (int64_t c = begin; c < end; ++c) {
       bool nonfinite = false, negative = false;  // checked by the forward pass
       if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
@@ -579,16 +591,10 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
                           negative);
       if constexpr (!std::is_same_v<F, double>) {
         if (logit_bound(g, ws.maps.data()) > wide_bound) {  // the forward pass's decision, from the same values
-          if (!wide) {
-            wide = std::make_unique<Workspace<double>>(g, plan);
-            wide_lme.resize(2 * g.T);
-            wide_v.resize(g.B);
-          }
-          gather_centred_maps(x_data, g, c, wide->pyramid.data(), wide->image_rows.data(), wide->maps.data(), false,
-                              nonfinite, negative);
-          for (int64_t t = 0; t < 2 * g.T; ++t) wide_lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
-          for (int64_t b = 0; b < g.B; ++b) wide_v[b] = static_cast<double>(v_data[c * g.B + b]);
-          filter_backward(g, *wide, static_cast<double>(grad_data[c]), wide_lme.data(), wide_v.data(), dx_data, c);
+          Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
+          for (int64_t t = 0; t < 2 * g.T; ++t) wide.lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
+          for (int64_t b = 0; b < g.B; ++b) wide.v[b] = static_cast<double>(v_data[c * g.B + b]);
+          filter_backward(g, wide_ws, static_cast<double>(grad_data[c]), wide.lme.data(), wide.v.data(), dx_data, c);
           continue;
         }
       }
