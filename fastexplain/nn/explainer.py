@@ -164,9 +164,13 @@ class Explainer(nn.Module):
         C, M, Ct = config.in_channels, int(config.parts), int(config.target_channels)
         layer_options = dict(beta=config.beta, center=config.center, loss_scale=config.loss_scale,
                              contrast=config.contrast, backend=config.backend)
-        self.interpretable1 = InterpretableConv2d(C, M, 3, **layer_options)
-        self.interpretable2 = InterpretableConv2d(M, M, 3, **layer_options)
-        self._shape_part_track(C, M)
+        groups = config.part_groups
+        if C % groups or M % groups:
+            raise ValueError(f"ExplainerConfig: part_groups={groups} must divide the channels ({C}) and parts ({M})")
+        self.interpretable1 = InterpretableConv2d(C, M, 3, groups=groups, **layer_options)
+        self.interpretable2 = InterpretableConv2d(M, M, 3, groups=groups, **layer_options)
+        if config.part_init == "identity":
+            self._start_part_track_as_identity()
         self.ordinary = nn.Conv2d(C, M, 3, padding=1)
         hidden = int(config.decoder_width or M)
         self.decoder1 = nn.Conv2d(M, hidden, 3, padding=1)
@@ -183,21 +187,13 @@ class Explainer(nn.Module):
         self.process_group: Any = None
 
     @torch.no_grad()
-    def _shape_part_track(self, C: int, M: int) -> None:
-        """Grouped part-track convs (``part_groups``) and the identity start (``part_init``)."""
-        groups, init = self.config.part_groups, self.config.part_init
-        if groups > 1:
-            if C % groups or M % groups:
-                raise ValueError(f"ExplainerConfig: part_groups={groups} must divide the channels ({C}) and parts ({M})")
-            self.interpretable1.conv = nn.Conv2d(C, M, 3, padding=1, groups=groups)
-            self.interpretable2.conv = nn.Conv2d(M, M, 3, padding=1, groups=groups)
-        if init == "identity":
-            for conv in (self.interpretable1.conv, self.interpretable2.conv):
-                conv.weight.zero_()
-                conv.bias.zero_()
-                per_group = conv.weight.shape[1]
-                for f in range(conv.weight.shape[0]):
-                    conv.weight[f, f % per_group, 1, 1] = 1.0
+    def _start_part_track_as_identity(self) -> None:
+        """Part filter f starts as input channel f (mod the channels its group reads): centre tap 1, all else 0."""
+        for conv in (self.interpretable1.conv, self.interpretable2.conv):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            filters = torch.arange(conv.weight.shape[0])
+            conv.weight[filters, filters % conv.weight.shape[1], 1, 1] = 1.0
 
     def set_process_group(self, process_group: Any, ddp_gradients: bool = True) -> "Explainer":
         """Compute every batch statistic over the global batch of ``process_group``'s ranks (None: this
