@@ -30,11 +30,14 @@ def test_output_shapes_and_loss_terms() -> None:
     torch.testing.assert_close(losses.neg_log_p, -torch.log(out.p))
     torch.testing.assert_close(losses.reconstruction, (out.reconstruction - x).pow(2).sum() / x.pow(2).sum())
     torch.testing.assert_close(losses.total, losses.reconstruction + config.filter_weight * losses.filter
-                               + config.p_weight * losses.neg_log_p + config.diversity_weight * losses.diversity)
+                               + config.p_weight * losses.neg_log_p + config.diversity_weight * losses.diversity
+                               + config.constellation_weight * losses.constellation
+                               + config.crowding_weight * losses.crowding)
     assert float(losses.kl) == 0.0
     assert 0.0 < float(losses.diversity) <= 1.0
     assert float(_explainer(diversity_weight=0.0)(x).losses.diversity) == 0.0  # not computed when unweighted
-    assert set(losses.as_floats()) == {"total", "reconstruction", "kl", "filter", "neg_log_p", "diversity"}
+    assert set(losses.as_floats()) == {"total", "reconstruction", "kl", "filter", "neg_log_p", "diversity",
+                                       "constellation", "crowding"}
 
 
 def test_norm_scale_is_the_running_mean_rms_and_frozen_in_eval() -> None:
@@ -81,7 +84,8 @@ def test_target_layer_with_other_channels_and_size() -> None:
 
 
 def test_kl_term_uses_the_head_on_the_reconstruction() -> None:
-    explainer = _explainer(kl_weight=2.0, filter_weight=1.0, diversity_weight=0.0)
+    explainer = _explainer(kl_weight=2.0, filter_weight=1.0, diversity_weight=0.0, constellation_weight=0.0,
+                           crowding_weight=0.0)
     head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 3))
     x = torch.rand(3, 6, 4, 4)
     logits = head(x).detach()

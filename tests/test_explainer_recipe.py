@@ -18,6 +18,19 @@ def test_identity_start_copies_the_performer_channels() -> None:
     torch.testing.assert_close(second, first)
 
 
+def test_identity_autoencoder_start_passes_the_feature_through() -> None:
+    explainer = Explainer(ExplainerConfig(in_channels=5, parts=7, target_channels=3))
+    x = torch.rand(2, 5, 6, 4)
+    x_ord = torch.relu(explainer.ordinary(x))
+    for f in range(7):
+        torch.testing.assert_close(x_ord[:, f], x[:, f % 5])
+    decoded = explainer._decode(x_ord)
+    for c in range(3):  # decoder: channel c of the target reads channel c of the code
+        torch.testing.assert_close(decoded[:, c], x[:, c])
+    random_start = Explainer(ExplainerConfig(in_channels=5, parts=7, autoencoder_init="random"))
+    assert random_start.ordinary.weight[:, :, 0, 0].abs().sum() > 0
+
+
 def test_grouped_part_track_reads_only_its_group() -> None:
     explainer = Explainer(ExplainerConfig(in_channels=6, parts=6, part_groups=3, part_init="identity"))
     assert explainer.interpretable1.conv.groups == 3 and explainer.interpretable2.conv.groups == 3
@@ -40,7 +53,8 @@ def test_similarity_penalty_known_answers() -> None:
 
 def test_diversity_weight_enters_the_total() -> None:
     torch.manual_seed(0)
-    explainer = Explainer(ExplainerConfig(in_channels=4, parts=4, diversity_weight=2.0))
+    explainer = Explainer(ExplainerConfig(in_channels=4, parts=4, diversity_weight=2.0, constellation_weight=0.0,
+                                          crowding_weight=0.0))
     losses = explainer(torch.rand(3, 4, 5, 5)).losses
     assert 0 < float(losses.diversity) <= 1
     torch.testing.assert_close(losses.total, losses.reconstruction + explainer.config.filter_weight * losses.filter
@@ -67,6 +81,9 @@ def test_part_filters_get_their_own_learning_rate() -> None:
 
 def test_bad_recipe_options_are_one_line_errors() -> None:
     for bad, match in [({"part_init": "zeros"}, "part_init"), ({"part_groups": 0}, "part_groups"),
-                       ({"decoder_width": 0}, "decoder_width"), ({"diversity_weight": -1.0}, "diversity_weight")]:
+                       ({"decoder_width": 0}, "decoder_width"), ({"diversity_weight": -1.0}, "diversity_weight"),
+                       ({"autoencoder_init": "zeros"}, "autoencoder_init"),
+                       ({"constellation_weight": -1.0}, "constellation_weight"),
+                       ({"crowding_weight": float("nan")}, "crowding_weight")]:
         with pytest.raises(ValueError, match=match):
             ExplainerConfig(in_channels=4, **bad)

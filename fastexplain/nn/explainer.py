@@ -16,8 +16,11 @@ Design choices (the paper does not give them; see docs/explainer.md for the reas
   identity on the performer's channels (``part_init="identity"``: filter f reads channel f mod C), so the
   filters start as distinct as the performer's own; the trainer gives the part filters a small learning rate
   (``TrainConfig.part_lr_scale``), so they sharpen around their own channel instead of drifting to the common
-  feature; and a penalty w·mean_{f≠g} cos²(x_f, x_g) on the pre-mask maps of both layers (``diversity_weight``)
-  keeps pairs of filters from merging. ``part_groups`` > 1 splits the part track's convs into channel groups
+  feature; a penalty w·mean_{f≠g} cos²(x_f, x_g) on the pre-mask maps of both layers (``diversity_weight``)
+  keeps pairs of filters from merging. Two terms on the filters' soft peaks (:mod:`.constellation`) make them
+  location-stable without merging: the *constellation* term (``constellation_weight``) penalises how much a
+  filter's peak moves, across the batch, relative to the mean peak of all filters (the object), and the
+  *crowding* term (``crowding_weight``) penalises pairs of filters peaking at the same place. ``part_groups`` > 1 splits the part track's convs into channel groups
   (a hard version of the same idea: diverse, but barely sharper than the performer's channels).
 * **filter loss**: per filter on the post-ReLU, pre-mask map, with the "peak" scaling of
   :mod:`fastexplain.nn.interpretable` (scale-free, matched-template logit ``contrast`` = 1 nat), averaged
@@ -49,6 +52,7 @@ from torch import Tensor, nn
 
 from ..parallel import differentiable_sum, sum_over_ranks
 from ..templates import DEFAULT_BETA, template_entropy
+from .constellation import constellation_spread, peak_crowding
 from .interpretable import InterpretableConv2d, InterpretableOutput
 
 GATES = ("scalar", "image")
@@ -72,9 +76,13 @@ class ExplainerConfig:
     filter_weight: float = 10.0              #: λ, weight of the normalised filter-loss term
     kl_weight: float = 5.0                   #: γ, weight of KL(performer ‖ head(x̂)) when a head exists
     p_weight: float = 0.5                    #: η, weight of −log p
-    diversity_weight: float = 1.0            #: w, weight of the filters' pairwise map-similarity penalty
+    diversity_weight: float = 2.0            #: w, weight of the filters' pairwise map-similarity penalty
+    constellation_weight: float = 1500.0     #: ρ, weight of the constellation spread (nn/constellation.py)
+    constellation_selectivity: float = 4.0   #: k: images weigh a^k by the filter's peak activation a
+    crowding_weight: float = 20.0            #: κ, weight of the soft co-location of peaks (nn/constellation.py)
     part_groups: int = 1                     #: channel groups of the part track's convs (1: dense)
     part_init: str = "identity"              #: "identity" (part filter f starts on channel f) or "random"
+    autoencoder_init: str = "identity"       #: ordinary track and decoder: "identity" (pass x* through) or "random"
     decoder_width: int | None = None         #: hidden channels of the decoder (None: parts)
     backend: str | None = None               #: kernel backend for the ops (None: automatic)
 
@@ -88,8 +96,9 @@ class ExplainerConfig:
         for name in ("in_channels", "target_channels", "parts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ExplainerConfig: {name} must be ≥ 1, got {getattr(self, name)!r}")
-        if self.part_init not in PART_INITS:
-            raise ValueError(f"ExplainerConfig: part_init must be one of {PART_INITS}, got {self.part_init!r}")
+        for name in ("part_init", "autoencoder_init"):
+            if getattr(self, name) not in PART_INITS:
+                raise ValueError(f"ExplainerConfig: {name} must be one of {PART_INITS}, got {getattr(self, name)!r}")
         if int(self.part_groups) < 1 or (self.decoder_width is not None and int(self.decoder_width) < 1):
             raise ValueError(f"ExplainerConfig: part_groups and decoder_width must be ≥ 1, got "
                              f"{self.part_groups!r} and {self.decoder_width!r}")
@@ -97,7 +106,8 @@ class ExplainerConfig:
             raise ValueError(f"ExplainerConfig: gate must be one of {GATES}, got {self.gate!r}")
         if not 0.0 < self.p_init < 1.0:
             raise ValueError(f"ExplainerConfig: p_init must lie in (0, 1), got {self.p_init!r}")
-        for name in ("filter_weight", "kl_weight", "p_weight", "diversity_weight"):
+        for name in ("filter_weight", "kl_weight", "p_weight", "diversity_weight", "constellation_weight",
+                     "constellation_selectivity", "crowding_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ExplainerConfig: {name} must be ≥ 0, got {getattr(self, name)!r}")
 
@@ -123,6 +133,8 @@ class ExplainerLosses:
     filter: Tensor           #: mean_f loss_f / H(T) over both interpretable layers, in [−1, 0]
     neg_log_p: Tensor        #: −mean log p
     diversity: Tensor        #: mean squared cosine similarity of the part filters' maps over pairs, both layers
+    constellation: Tensor    #: constellation spread of the part filters' peaks (nn/constellation.py), both layers
+    crowding: Tensor         #: soft co-location of the part filters' peaks over pairs (nn/constellation.py), both layers
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in self.__dataclass_fields__}
@@ -155,6 +167,17 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+@torch.no_grad()
+def _start_as_identity(*convs: nn.Conv2d) -> None:
+    """Output channel f of each 3×3 conv starts as input channel f (mod the channels its group reads):
+    centre tap 1, all else 0."""
+    for conv in convs:
+        conv.weight.zero_()
+        conv.bias.zero_()
+        filters = torch.arange(conv.weight.shape[0])
+        conv.weight[filters, filters % conv.weight.shape[1], 1, 1] = 1.0
+
+
 class Explainer(nn.Module):
     """The explainer network of docs/method.md §4; build it from an :class:`ExplainerConfig`."""
 
@@ -170,11 +193,13 @@ class Explainer(nn.Module):
         self.interpretable1 = InterpretableConv2d(C, M, 3, groups=groups, **layer_options)
         self.interpretable2 = InterpretableConv2d(M, M, 3, groups=groups, **layer_options)
         if config.part_init == "identity":
-            self._start_part_track_as_identity()
+            _start_as_identity(self.interpretable1.conv, self.interpretable2.conv)
         self.ordinary = nn.Conv2d(C, M, 3, padding=1)
         hidden = int(config.decoder_width or M)
         self.decoder1 = nn.Conv2d(M, hidden, 3, padding=1)
         self.decoder2 = nn.Conv2d(hidden, Ct, 3, padding=1)
+        if config.autoencoder_init == "identity":
+            _start_as_identity(self.ordinary, self.decoder1, self.decoder2)
         if config.gate == "scalar":
             self.gate_logit = nn.Parameter(torch.tensor(_logit(config.p_init)))
         else:
@@ -185,15 +210,6 @@ class Explainer(nn.Module):
         self.register_buffer("target_scale", torch.ones(()))
         self.register_buffer("scale_count", torch.zeros((), dtype=torch.long))
         self.process_group: Any = None
-
-    @torch.no_grad()
-    def _start_part_track_as_identity(self) -> None:
-        """Part filter f starts as input channel f (mod the channels its group reads): centre tap 1, all else 0."""
-        for conv in (self.interpretable1.conv, self.interpretable2.conv):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            filters = torch.arange(conv.weight.shape[0])
-            conv.weight[filters, filters % conv.weight.shape[1], 1, 1] = 1.0
 
     def set_process_group(self, process_group: Any, ddp_gradients: bool = True) -> "Explainer":
         """Compute every batch statistic over the global batch of ``process_group``'s ranks (None: this
@@ -312,10 +328,21 @@ class Explainer(nn.Module):
         diversity = error.new_zeros(())
         if config.diversity_weight > 0:
             diversity = torch.stack([self._similarity(maps) for maps in part_relu_maps]).mean()
+        constellation = error.new_zeros(())
+        if config.constellation_weight > 0:
+            constellation = torch.stack([
+                constellation_spread(maps, selectivity=config.constellation_selectivity,
+                                     process_group=self.process_group) for maps in part_relu_maps]).mean()
+        crowding = error.new_zeros(())
+        if config.crowding_weight > 0:
+            crowding = torch.stack([peak_crowding(maps, process_group=self.process_group)
+                                    for maps in part_relu_maps]).mean()
         total = (reconstruction_loss + config.kl_weight * kl + config.filter_weight * filter_term
-                 + config.p_weight * neg_log_p + config.diversity_weight * diversity)
-        return ExplainerLosses(total=total, reconstruction=reconstruction_loss, kl=kl,
-                               filter=filter_term, neg_log_p=neg_log_p, diversity=diversity)
+                 + config.p_weight * neg_log_p + config.diversity_weight * diversity
+                 + config.constellation_weight * constellation + config.crowding_weight * crowding)
+        return ExplainerLosses(total=total, reconstruction=reconstruction_loss, kl=kl, filter=filter_term,
+                               neg_log_p=neg_log_p, diversity=diversity, constellation=constellation,
+                               crowding=crowding)
 
     def _similarity(self, maps: Tensor) -> Tensor:
         """Mean over filter pairs f ≠ g of cos²(x_f, x_g), the maps taken as vectors over batch and cells."""
