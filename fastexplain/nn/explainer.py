@@ -74,8 +74,8 @@ class ExplainerConfig:
     gate: str = "scalar"                     #: p: "scalar" sigmoid(θ) or "image" sigmoid(w·GAP(x*) + b)
     p_init: float = 0.5                      #: p at initialisation
     filter_weight: float = 10.0              #: λ, weight of the normalised filter-loss term
-    kl_weight: float = 5.0                   #: γ, weight of KL(performer ‖ head(x̂)) when a head exists
-    p_weight: float = 0.5                    #: η, weight of −log p
+    kl_weight: float = 10.0                  #: γ, weight of KL(performer ‖ head(x̂)) when a head exists
+    p_weight: float = 1.0                    #: η, weight of −log p
     diversity_weight: float = 2.0            #: w, weight of the filters' pairwise map-similarity penalty
     constellation_weight: float = 1500.0     #: ρ, weight of the constellation spread (nn/constellation.py)
     constellation_selectivity: float = 4.0   #: k: images weigh a^k by the filter's peak activation a
