@@ -96,7 +96,7 @@ def test_kl_term_uses_the_head_on_the_reconstruction() -> None:
     torch.testing.assert_close(out.losses.kl, expected)
     assert float(out.losses.kl.detach()) > 0
     torch.testing.assert_close(out.losses.total - out.losses.reconstruction - out.losses.filter
-                               - 0.5 * out.losses.neg_log_p, 2.0 * out.losses.kl)
+                               - explainer.config.p_weight * out.losses.neg_log_p, 2.0 * out.losses.kl)
 
 
 def test_wrong_input_channels_and_bad_configs_are_clear_errors() -> None:
