@@ -1,4 +1,5 @@
-"""The constellation term of the explainer (docs/method.md §4, "Constellation"; issue 11).
+"""Two terms on the part filters' soft peaks: constellation and crowding (docs/method.md §4, "Project
+additions against collapse"; issue 11).
 
 Location instability (docs/method.md §5) asks each part filter to peak at the same place *relative to
 the object* in every image where it fires strongly. Without landmarks, the explainer uses its own part
@@ -7,8 +8,8 @@ object, and each filter pays for how much its peak moves around that reference a
 
 For a batch of maps x [B, M, h, w] (post-ReLU, before the mask):
 
-- soft peak ``z[b, f]`` = Σ_i softmax_i(κ · x_bf(i) / max_i x_bf(i)) · i, positions i in fractions of
-  the map's height and width (so the term does not depend on the map size), κ = ``sharpness``;
+- soft peak ``z[b, f]`` = Σ_i softmax_i(s · x_bf(i) / max_i x_bf(i)) · i, positions i in fractions of
+  the map's height and width (so the term does not depend on the map size), s = ``sharpness`` (10);
 - reference ``c[b]`` = mean_f z[b, f] (no gradient: a filter is moved, not the frame);
 - offset ``d[b, f]`` = z[b, f] − c[b];
 - image weights ``w[b, f]`` = a[b, f]^k / Σ_b' a[b', f]^k with a = max_i x_bf(i) and k = ``selectivity``
@@ -18,6 +19,9 @@ For a batch of maps x [B, M, h, w] (post-ReLU, before the mask):
 
 With a process group the three weighted batch sums are all-reduced (one differentiable all-reduce),
 so every rank computes the spread of the global batch.
+
+The crowding term (:func:`peak_crowding`) is a smooth co-location of the same soft peaks: without it, every
+filter gains by moving to the most stable place in the constellation.
 """
 from __future__ import annotations
 

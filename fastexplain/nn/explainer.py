@@ -20,8 +20,9 @@ Design choices (the paper does not give them; see docs/explainer.md for the reas
   keeps pairs of filters from merging. Two terms on the filters' soft peaks (:mod:`.constellation`) make them
   location-stable without merging: the *constellation* term (``constellation_weight``) penalises how much a
   filter's peak moves, across the batch, relative to the mean peak of all filters (the object), and the
-  *crowding* term (``crowding_weight``) penalises pairs of filters peaking at the same place. ``part_groups`` > 1 splits the part track's convs into channel groups
-  (a hard version of the same idea: diverse, but barely sharper than the performer's channels).
+  *crowding* term (``crowding_weight``) penalises pairs of filters peaking at the same place.
+  ``part_groups`` > 1 splits the part track's convs into channel groups (a hard version of the similarity
+  penalty: diverse, but barely sharper than the performer's channels).
 * **filter loss**: per filter on the post-ReLU, pre-mask map, with the "peak" scaling of
   :mod:`fastexplain.nn.interpretable` (scale-free, matched-template logit ``contrast`` = 1 nat), averaged
   over the 2M filters of both layers and divided by the template entropy H(T) = log(hw + 1): the term
