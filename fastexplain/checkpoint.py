@@ -22,6 +22,12 @@ from .nn.explainer import Explainer, ExplainerConfig
 FORMAT = "fastexplain-checkpoint"
 VERSION = 1
 _REQUIRED = ("explainer_config", "train_config", "explainer", "optimizer", "epoch", "history", "rng")
+# ExplainerConfig fields added after version 1 was fixed, with the value that reproduces a checkpoint written
+# before them (the term switched off, the start it had), so that such a checkpoint keeps its objective on resume
+# instead of taking today's defaults.
+_FIELDS_ADDED_LATER: dict[str, Any] = {"diversity_weight": 0.0, "part_groups": 1, "part_init": "random",
+                                       "decoder_width": None, "constellation_weight": 0.0, "crowding_weight": 0.0,
+                                       "autoencoder_init": "random"}
 
 
 class CheckpointError(ValueError):
@@ -73,7 +79,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def explainer_from_state(state: dict[str, Any]) -> Explainer:
     """Rebuild the trained explainer (in eval mode) from a loaded checkpoint dict."""
     try:
-        explainer = Explainer(ExplainerConfig.from_dict(dict(state["explainer_config"])))
+        explainer = Explainer(ExplainerConfig.from_dict({**_FIELDS_ADDED_LATER, **state["explainer_config"]}))
         explainer.load_state_dict(state["explainer"])
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__

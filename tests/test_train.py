@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastexplain import CheckpointError, Performer, TrainConfig, fit, load_explainer
-from fastexplain.checkpoint import load_checkpoint, save_checkpoint
+from fastexplain import CheckpointError, ExplainerConfig, Performer, TrainConfig, fit, load_explainer
+from fastexplain.checkpoint import explainer_from_state, load_checkpoint, save_checkpoint
 
 
 def _performer() -> Performer:
@@ -179,3 +179,17 @@ def test_resume_cannot_add_joint_epochs_after_refinement_began(tmp_path: Path) -
     history = fit(_performer(), _images(4), tmp_path, TrainConfig(epochs=1, batch_size=4, refine_epochs=2),
                   {"parts": 4}, resume=True, progress=False)  # more refinement epochs: fine
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
+
+
+def test_a_checkpoint_from_before_the_recipe_fields_keeps_its_objective(tmp_path: Path) -> None:
+    fit(_performer(), _images(), tmp_path, TrainConfig(epochs=1, batch_size=8, refine_epochs=0), {"parts": 4},
+        progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    for name in ("diversity_weight", "part_groups", "part_init", "decoder_width", "constellation_weight",
+                 "crowding_weight", "autoencoder_init"):
+        del state["explainer_config"][name]  # as a checkpoint written before these fields existed
+    config = explainer_from_state(state).config
+    assert (config.diversity_weight, config.constellation_weight, config.crowding_weight) == (0.0, 0.0, 0.0)
+    assert (config.part_init, config.autoencoder_init, config.part_groups) == ("random", "random", 1)
+    today = load_explainer(tmp_path / "checkpoint.pt").config  # a checkpoint that has the fields keeps them
+    assert today.constellation_weight == ExplainerConfig(in_channels=1).constellation_weight > 0
