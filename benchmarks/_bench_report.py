@@ -80,11 +80,38 @@ def write_report(results_dir: Path, md_path: Path, only: list[Path] | None = Non
         lines += device_section(run, png.relative_to(md_path.parent) if plotted and _under(png, md_path.parent)
                                 else (png if plotted else None))
     lines += _profile_section(results_dir)
+    lines += _gpu_triton_section(results_dir, md_path)
     lines += ["## Method", "", METHOD]
     md_path.write_text("\n".join(lines))
 
 
 PROFILE_FILE = "profile-step.json"
+
+
+def _gpu_triton_section(results_dir: Path, md_path: Path) -> list[str]:
+    """Links to the reports of ``benchmarks/gpu_triton.py`` (device, date, the Triton forms' forward + backward)."""
+    lines: list[str] = []
+    for path in sorted(results_dir.glob("gpu_triton_*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if report.get("smoke") or "shapes" not in report:
+            continue
+        link = path.with_suffix(".md")
+        link_text = link.relative_to(md_path.parent) if _under(link, md_path.parent) else link
+        lines.append(f"- [{link_text}]({link_text}): {report['device']}, torch {report['torch']}, "
+                     f"triton {report['triton']}, {report['date']}")
+        for shape, entry in report["shapes"].items():
+            timings = entry.get("timings", {})
+            cells = [f"{name} {value['forward_backward_ms']:.3g} ms"
+                     + (f" (graph {value['graph_forward_backward_ms']:.3g})" if "graph_forward_backward_ms" in value else "")
+                     for name, value in timings.items()
+                     if isinstance(value, dict) and "forward_backward_ms" in value and name != "mask_relu_triton"]
+            lines.append(f"  - {shape} forward + backward: " + "; ".join(cells))
+    if not lines:
+        return []
+    return ["## GPU: Triton kernels (`benchmarks/gpu_triton.py`, see docs/triton-kernels.md)", ""] + lines + [""]
 
 
 def _profile_section(results_dir: Path) -> list[str]:

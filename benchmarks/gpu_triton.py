@@ -1,6 +1,6 @@
 """GPU check and benchmark of every Triton kernel (issue 12 item 6): correctness first, then timings.
 
-    python benchmarks/gpu_triton.py                      # sized for < 5 min on one H100 (not yet run on a GPU)
+    python benchmarks/gpu_triton.py                      # ~100 s on one H200 (docs/triton-kernels.md)
     python benchmarks/gpu_triton.py --budget 120         # stop timing after 120 s (checks always run)
     TRITON_INTERPRET=1 python benchmarks/gpu_triton.py --smoke --out /tmp/smoke   # CPU, tiny, no GPU needed
 
@@ -94,17 +94,18 @@ class Bench:
 
 # ------------------------------------------------------------------------------------------- variants
 def _triton_variant(form: str, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from fastexplain.ops import triton_filter_loss
+    from fastexplain.ops import triton_filter_loss, triton_forms
 
     def run(x: torch.Tensor) -> torch.Tensor:
         triton_filter_loss.DOT_PRECISION = precision
-        with triton_filter_loss.use_form(form):
-            return triton_filter_loss.triton_filter_loss(x, BETA)
+        with triton_forms.use_form(form):
+            return triton_forms.triton_filter_loss(x, BETA)
     return run
 
 
 def triton_variants(precisions: list[str]) -> dict[str, Callable]:
     variants = {f"triton_dense_{p}": _triton_variant("dense", p) for p in precisions}
+    variants["triton_gemm"] = _triton_variant("gemm", "ieee")
     variants["triton_pyramid"] = _triton_variant("pyramid", "ieee")
     return variants
 
@@ -112,11 +113,11 @@ def triton_variants(precisions: list[str]) -> dict[str, Callable]:
 def baseline_variants(compile_: bool) -> dict[str, Callable]:
     from fastexplain.ops import reference
 
-    variants = {"textbook_eager": lambda x: reference.naive_filter_loss_per_filter(x, BETA),
-                "reference_eager": lambda x: reference.filter_loss_per_filter(x, BETA)}
+    variants = {"textbook_eager": lambda x: reference.naive_filter_loss_per_filter(x, BETA)}
     if compile_:
         compiled = torch.compile(reference.naive_filter_loss_per_filter, dynamic=False)
         variants["textbook_compiled"] = lambda x: compiled(x, BETA)
+    variants["reference_eager"] = lambda x: reference.filter_loss_per_filter(x, BETA)  # last: no graph capture
     return variants
 
 
@@ -167,7 +168,23 @@ def check_shape(shape: tuple[int, ...], device: str, precisions: list[str]) -> d
 
 
 # -------------------------------------------------------------------------------------------- timings
-def _timings(bench: Bench, fn: Callable, x: torch.Tensor) -> dict[str, float]:
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after warm-up on a side stream): its replay has no host overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _timings(bench: Bench, fn: Callable, x: torch.Tensor, graph: bool = True) -> dict[str, float]:
+    """Eager times (launches and autograd from Python, as a training loop runs them) and, on CUDA, the
+    forward + backward replayed from a CUDA graph: the device time alone, without the host's overhead."""
     leaf = x.detach().clone().requires_grad_()
 
     def forward_backward() -> None:
@@ -175,7 +192,13 @@ def _timings(bench: Bench, fn: Callable, x: torch.Tensor) -> dict[str, float]:
         fn(leaf).sum().backward()
     with torch.no_grad():
         forward_ms = bench(lambda: fn(x))
-    return {"forward_ms": forward_ms, "forward_backward_ms": bench(forward_backward)}
+    result = {"forward_ms": forward_ms, "forward_backward_ms": bench(forward_backward)}
+    if bench.device == "cuda" and graph:
+        try:
+            result["graph_forward_backward_ms"] = bench(_graphed(forward_backward))
+        except Exception as error:  # a step that cannot be captured: recorded, never invented
+            result["graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    return result
 
 
 def _float32_error(fn: Callable, x: torch.Tensor, truth: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
@@ -195,7 +218,9 @@ def time_shape(shape: tuple[int, ...], device: str, bench: Bench, variants: dict
             result[name] = {"skipped": "time budget spent"}
             continue
         try:
-            entry: dict[str, object] = _timings(bench, fn, x)
+            # the exact reference checks its input's values (a host sync): it cannot be captured in a graph,
+            # and a failed capture can leave the CUDA context unusable for the entries after it
+            entry: dict[str, object] = _timings(bench, fn, x, graph=name != "reference_eager")
             if name in baselines:
                 entry.update(_float32_error(fn, x, truth))
             result[name] = entry
@@ -212,22 +237,31 @@ def time_shape(shape: tuple[int, ...], device: str, bench: Bench, variants: dict
     if bench.left():
         mask = _timings(bench, lambda t: triton_mask.triton_template_mask(t, BETA, "argmax", None, True), signed)
         mask["x_copy"] = mask["forward_backward_ms"] / copy_ms
+        if bench.device == "cuda":
+            mask["graph_copy_ms"] = bench(_graphed(lambda: signed.clone()))
         result["mask_relu_triton"] = mask
+    if isinstance(result.get("mask_relu_triton"), dict) and "graph_forward_backward_ms" in result["mask_relu_triton"]:
+        mask = result["mask_relu_triton"]
+        if "graph_copy_ms" in mask:
+            mask["graph_x_copy"] = mask["graph_forward_backward_ms"] / mask["graph_copy_ms"]
     for name in variants:
         entry = result[name]
-        if "forward_backward_ms" not in entry:
-            continue
-        entry["x_floor"] = entry["forward_backward_ms"] / result["floor_ms"]
-        for baseline in ("textbook_eager", "textbook_compiled", "reference_eager"):
-            other = result.get(baseline, {})
-            if "forward_backward_ms" in other:
-                entry[f"speedup_vs_{baseline}"] = other["forward_backward_ms"] / entry["forward_backward_ms"]
+        for kind in ("", "graph_"):
+            if f"{kind}forward_backward_ms" not in entry:
+                continue
+            entry[f"{kind}x_floor"] = entry[f"{kind}forward_backward_ms"] / result["floor_ms"]
+            for baseline in ("textbook_eager", "textbook_compiled", "reference_eager"):
+                other = result.get(baseline, {})
+                if f"{kind}forward_backward_ms" in other:
+                    entry[f"{kind}speedup_vs_{baseline}"] = (other[f"{kind}forward_backward_ms"]
+                                                             / entry[f"{kind}forward_backward_ms"])
     return result
 
 
 def scaling(device: str, bench: Bench, sweep: tuple) -> dict[str, object]:
     B, C, sizes = sweep
-    forms = {"triton_dense_ieee": _triton_variant("dense", "ieee"), "triton_pyramid": _triton_variant("pyramid", "ieee")}
+    forms = {"triton_dense_ieee": _triton_variant("dense", "ieee"), "triton_gemm": _triton_variant("gemm", "ieee"),
+             "triton_pyramid": _triton_variant("pyramid", "ieee")}
     cases = []
     for n in sizes:
         x = torch.relu(torch.randn((B, C, n, n), generator=torch.Generator().manual_seed(n))).to(device)
@@ -241,11 +275,28 @@ def scaling(device: str, bench: Bench, sweep: tuple) -> dict[str, object]:
                 cases.append({"variant": name, "n": n, "error": f"{type(error).__name__}: {error}"[:300]})
     slopes = {}
     for name in forms:
-        measured = [(c["n"], c["forward_backward_ms"]) for c in cases if c["variant"] == name and "forward_backward_ms" in c]
+        key = "graph_forward_backward_ms" if all("graph_forward_backward_ms" in c for c in cases) else "forward_backward_ms"
+        measured = [(c["n"], c[key]) for c in cases if c["variant"] == name and key in c]
         if len(measured) >= 2:
             (n0, t0), (n1, t1) = measured[-2], measured[-1]
             slopes[name] = math.log(t1 / t0) / math.log(n1 / n0)
     return {"batch": B, "channels": C, "cases": cases, "last_slope": slopes}
+
+
+def profile(shape: tuple[int, ...], fn: Callable, rows: int = 14) -> str:
+    """torch.profiler's table of device kernels for 10 forward + backward steps of ``fn`` (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(5))).cuda().requires_grad_()
+    for _ in range(3):
+        fn(x).sum().backward()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            x.grad = None
+            fn(x).sum().backward()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -275,20 +326,30 @@ def markdown(report: dict) -> str:
             continue
         lines += [f"### {key} (floor {timings['floor_ms']:.3g} ms: read x twice, write dx once at "
                   f"{timings['copy_bandwidth_GBps']:.0f} GB/s)", "",
-                  "| variant | fwd+bwd | × floor | vs textbook eager | vs textbook compiled | vs reference | float32 error (loss, grad) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Eager: launched from Python as a training loop runs it. Graph: the same forward + backward replayed "
+                  "from a CUDA graph, the device time alone (ratios against the baselines' graph replays).", "",
+                  "| variant | fwd+bwd eager | × floor | vs textbook eager | vs textbook compiled | vs reference "
+                  "| fwd+bwd graph | × floor | vs textbook eager | vs textbook compiled | float32 error (loss, grad) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, value in timings.items():
             if not isinstance(value, dict) or name == "mask_relu_triton":
                 continue
             ratio = lambda k: f"{value[k]:.1f}×" if k in value else ""  # noqa: E731
             error = (f"{value['loss_rel_error_vs_float64']:.1e}, {value['grad_rel_error_vs_float64']:.1e}"
                      if "loss_rel_error_vs_float64" in value else "")
+            graph = f"{value['graph_forward_backward_ms']:.3g} ms" if "graph_forward_backward_ms" in value else \
+                value.get("graph_error", "—")[:40]
             lines.append(f"| {name} | {_ms(value)} | {ratio('x_floor')} | {ratio('speedup_vs_textbook_eager')} | "
-                         f"{ratio('speedup_vs_textbook_compiled')} | {ratio('speedup_vs_reference_eager')} | {error} |")
+                         f"{ratio('speedup_vs_textbook_compiled')} | {ratio('speedup_vs_reference_eager')} | {graph} | "
+                         f"{ratio('graph_x_floor')} | {ratio('graph_speedup_vs_textbook_eager')} | "
+                         f"{ratio('graph_speedup_vs_textbook_compiled')} | {error} |")
         mask = timings.get("mask_relu_triton")
         if isinstance(mask, dict) and "x_copy" in mask:
             lines += ["", f"ReLU + mask forward + backward: {mask['forward_backward_ms']:.3g} ms = "
                           f"{mask['x_copy']:.2f}× one copy of x ({timings['copy_ms']:.3g} ms); goal ≤ 2.5×"]
+            if "graph_x_copy" in mask:
+                lines += [f"From a CUDA graph: {mask['graph_forward_backward_ms']:.3g} ms = {mask['graph_x_copy']:.2f}× "
+                          f"one copy ({mask['graph_copy_ms']:.3g} ms)"]
         lines.append("")
     sweep = report.get("scaling")
     if sweep:
@@ -300,6 +361,8 @@ def markdown(report: dict) -> str:
             slope = sweep["last_slope"].get(name)
             lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
                          f"| {name} | " + " | ".join(row) + " | — |")
+    if report.get("profile"):
+        lines += ["", "## Profile (10 forward + backward steps, device kernels)", "", "```", report["profile"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -354,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         report["shapes"][key] = entry  # type: ignore[index]
         print(f"{key}: checks {'ok' if all(c['ok'] for c in checks.values()) else 'FAILED'}", flush=True)
     report["scaling"] = scaling(device, bench, SMOKE_SCALING if args.smoke else SCALING)
+    if device == "cuda" and bench.left():
+        try:
+            report["profile"] = profile(shapes[0], _triton_variant("gemm", "ieee"))
+        except Exception as error:
+            report["profile"] = f"profiler failed: {type(error).__name__}: {error}"[:500]
     report["seconds"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")

@@ -35,8 +35,8 @@ def template_alpha(H: int, W: int) -> float:
 def l1_distances(H: int, W: int, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> Tensor:
     """‖i − μ‖₁ for every pair of row-major positions (μ, i): a symmetric [HW, HW] matrix."""
-    rows = torch.arange(H, device=device).repeat_interleave(W)
-    cols = torch.arange(W, device=device).repeat(H)
+    positions = torch.arange(H * W, device=device)
+    rows, cols = positions // W, positions % W  # no repeat_interleave: no host sync (CUDA-graph capturable)
     dist = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()
     return dist.to(dtype or torch.get_default_dtype())
 

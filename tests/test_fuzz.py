@@ -416,8 +416,8 @@ def _triton_device() -> str:
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("index", range(TRITON_CASES))
 def test_triton_filter_loss_fuzz(index: int) -> None:
-    """The Triton filter loss (interpreted on CPU without a GPU) on small random cases, both its forms."""
-    from fastexplain.ops import triton_filter_loss
+    """The Triton filter loss (interpreted on CPU without a GPU) on small random cases, all three forms."""
+    from fastexplain.ops import triton_forms
 
     case = draw_case("triton_filter_loss", index, max_size=9, max_side=9, bad_fraction=0.1)
     x = make_maps(case, device=_triton_device())
@@ -425,8 +425,8 @@ def test_triton_filter_loss_fuzz(index: int) -> None:
     if case.bad is not None:
         expect_value_error(case, lambda: run(x))
         return
-    for form in triton_filter_loss.FORMS:  # the dense (template tiles) and the pyramid (large-n) forms
-        with triton_filter_loss.use_form(form):
+    for form in triton_forms.FORMS:  # dense (template tiles), gemm and pyramid (materialised logits)
+        with triton_forms.use_form(form):
             loss, grad = _loss_and_grad(run, x, _weights(case))
         check_loss_and_grad(case, x.cpu(), loss.cpu(), grad.cpu(), float64_loss_tol=1e-9, float64_grad_tol=1e-7)
 

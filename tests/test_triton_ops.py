@@ -24,7 +24,7 @@ try:
 except _registry.BackendUnavailable as error:  # pragma: no cover - depends on the machine
     pytest.skip(f"Triton backend unavailable here: {error}", allow_module_level=True)
 
-from fastexplain.ops import triton_filter_loss, triton_mask  # noqa: E402  (after the availability check)
+from fastexplain.ops import triton_filter_loss, triton_forms, triton_mask  # noqa: E402  (after the availability check)
 
 pytestmark = pytest.mark.triton_interpret
 DEVICE = "cuda" if "cuda" in TRITON.device_types else "cpu"
@@ -311,7 +311,7 @@ _BUILD_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastexplain.ops import triton_filter_loss as loss, triton_mask as mask, triton_pyramid as pyramid
+    from fastexplain.ops import triton_filter_loss as loss, triton_forms as forms, triton_mask as mask, triton_pyramid as pyramid
 
     def build(fn, pointers, constants):
         signature = {name: "constexpr" if name in constants else pointers.get(name, "*fp32")
@@ -323,6 +323,10 @@ _BUILD_SCRIPT = textwrap.dedent("""
     flags = dict(BLOCK_B=64, BLOCK_T=64, BLOCK_K=32, CENTRE_IN_TILE=True, IS_FP64=False, PRECISION="ieee")
     build(loss._forward_kernel, {"x_ptr": "*bf16"}, dict(flags, H=1))
     build(loss._forward_kernel, {}, dict(flags, CENTRE_IN_TILE=False))
+    build(loss._forward_kernel, {}, dict(flags, FROM_LOGITS=True))
+    build(loss._gbar_kernel, {name: "*fp64" for name in ("x_ptr", "xbar_ptr", "lme_ptr", "v_ptr", "gbar_ptr")},
+          dict(flags, IS_FP64=True, FROM_LOGITS=True))
+    build(forms._dlogits_kernel, {}, dict(BLOCK_B=32, BLOCK_T=64, IS_FP64=False))
     build(loss._backward_kernel, {"x_ptr": "*fp16", "dx_ptr": "*fp16"}, dict(flags, BLOCK_B=16, BLOCK_I=1024))
     build(mask._mask_forward_kernel, {"peak_ptr": "*i32"}, dict(ROWS=16, BLOCK_HW=256, RELU=True,
           CENTROID=True, SCALE_TAU=True, IS_FP64=False, PEAK_GIVEN=False))
@@ -383,12 +387,17 @@ def test_pyramid_correlation_is_self_adjoint():
     torch.testing.assert_close(left, right, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("shape, beta", [((4, 2, 6, 9), 4.0), ((3, 3, 7, 5), 2.5), ((1, 2, 5, 5), 4.0)])
-def test_pyramid_form_matches_reference(shape, beta):
+MATERIALISED = ("gemm", "pyramid")  # the forms that build the logits and run the fused MI kernels on them
+
+
+@pytest.mark.parametrize("form", MATERIALISED)
+@pytest.mark.parametrize("shape, beta", [((4, 2, 6, 9), 4.0), ((3, 3, 7, 5), 2.5), ((1, 2, 5, 5), 4.0),
+                                         ((70, 3, 4, 5), 4.0)])
+def test_materialised_forms_match_reference(shape, beta, form):
     x = _maps(shape, scale=3.0, seed=6)
     weights = torch.rand(shape[1], dtype=torch.float64) + 0.5
     expected = reference.filter_loss_per_filter(x, beta)
-    with triton_filter_loss.use_form("pyramid"):
+    with triton_forms.use_form(form):
         loss = filter_loss(x, beta=beta, reduction="none", backend="triton")
         torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-15)
         fn = lambda t, b: filter_loss(t, beta=beta, reduction="none", backend="triton")  # noqa: E731
@@ -400,13 +409,14 @@ def test_pyramid_form_matches_reference(shape, beta):
             assert _relative(_grad(fn, x.float(), weights), _grad(ref, x, weights)) <= 1e-4
 
 
+@pytest.mark.parametrize("form", MATERIALISED)
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_pyramid_form_any_strides_and_half_inputs(layout, dtype):
+def test_materialised_forms_any_strides_and_half_inputs(layout, dtype, form):
     x = _maps((3, 2, 5, 6), scale=2.0, seed=8).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(2, 3).contiguous().transpose(2, 3)
     expected = reference.filter_loss_per_filter(x.double(), 4.0)
-    with triton_filter_loss.use_form("pyramid"):
+    with triton_forms.use_form(form):
         leaf = x.detach().requires_grad_()
         loss = filter_loss(leaf, reduction="none", backend="triton")
         loss.sum().backward()
@@ -414,21 +424,60 @@ def test_pyramid_form_any_strides_and_half_inputs(layout, dtype):
     assert _relative(loss.detach(), expected) <= 1e-4
 
 
-def test_pyramid_form_gradcheck_float64():
+@pytest.mark.parametrize("form", MATERIALISED)
+def test_materialised_forms_gradcheck_float64(form):
     x = _maps((2, 1, 3, 4), seed=9).requires_grad_()
-    with triton_filter_loss.use_form("pyramid"):
+    with triton_forms.use_form(form):
         assert torch.autograd.gradcheck(lambda t: filter_loss(t, reduction="none", backend="triton"), (x,))
+
+
+def test_mi_kernels_on_strided_logits_stay_in_bounds(small_tiles):
+    """The FROM_LOGITS kernels read logits through any strides: NaN all round a transposed view of them must
+    not reach the loss or ∂loss/∂s (several batch and template tiles with ragged tails)."""
+    x = _maps((19, 2, 3, 5), seed=11)
+    logits = triton_forms.gemm_logits(x, 4.0)                              # [B, C, T]
+    padded, inner = _sentinel((2, 19, 16), torch.float64)                  # stored [C, B, T], read as [B, C, T]
+    inner.copy_(logits.transpose(0, 1))
+    strided = inner.transpose(0, 1)
+    loss, lme, v = triton_forms.logits_mi_forward(strided)
+    torch.testing.assert_close(loss, reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-15)
+    weights = torch.rand(2, dtype=torch.float64, device=DEVICE)
+    ds = triton_forms.logits_mi_backward(strided, lme, v, weights)
+    leaf = logits.detach().requires_grad_()
+    priors = reference.template_priors(3, 5, dtype=torch.float64, device=DEVICE)
+    (-reference.mutual_information(leaf.transpose(0, 1), priors) * weights).sum().backward()
+    torch.testing.assert_close(ds, leaf.grad, rtol=1e-9, atol=1e-15)
+
+
+def test_auto_form_uses_the_matrix_product_only_in_full_precision():
+    """On CUDA "auto" takes the gemm form up to GEMM_MAX_N, unless float32 matrix products may run in TF32;
+    the pyramid form otherwise. The interpreter keeps dense below LARGE_N (its kernels are the ones tested)."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert triton_forms.chosen_form(14, 14, "cuda") == "gemm" == triton_forms.chosen_form(56, 56, "cuda")
+        assert triton_forms.chosen_form(57, 3, "cuda") == "pyramid"
+        assert triton_forms.chosen_form(14, 14, "cpu") == "dense"
+        torch.set_float32_matmul_precision("high")
+        assert triton_forms.chosen_form(14, 14, "cuda") == "pyramid"
+        assert triton_forms.chosen_form(14, 14, "cuda", torch.float64) == "gemm"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    with pytest.raises(ValueError, match="form must be"):
+        with triton_forms.use_form("fast"):
+            pass
 
 
 def test_large_maps_take_the_pyramid_form_without_a_template_matrix(monkeypatch):
     """From n = LARGE_N on, "auto" runs the pyramid form, which never builds the [HW+1, HW] templates."""
-    assert triton_filter_loss.chosen_form(28, 5) == "pyramid" and triton_filter_loss.chosen_form(27, 27) == "dense"
+    assert triton_forms.chosen_form(28, 5, "cpu") == "pyramid" and triton_forms.chosen_form(27, 27, "cpu") == "dense"
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the pyramid form built a dense template matrix")
 
     monkeypatch.setattr(reference, "template_logits", forbidden)
     monkeypatch.setattr(reference, "part_templates", forbidden)
+    monkeypatch.setattr(triton_forms, "part_templates", forbidden)
+    monkeypatch.setattr(triton_forms, "GEMM_MAX_N", 27)  # on CUDA too
     x = _maps((2, 1, 28, 3), seed=10)
     loss = filter_loss(x, reduction="none", backend="triton")
     monkeypatch.undo()
@@ -447,7 +496,7 @@ def test_pyramid_work_grows_as_n_cubed():
 
 def test_the_triton_modules_import_without_a_cycle():
     """triton_filter_loss, triton_mask and triton_pyramid import _triton_common, never triton_backend."""
-    script = ("import sys\nfrom fastexplain.ops import triton_filter_loss, triton_mask, triton_pyramid\n"
+    script = ("import sys\nfrom fastexplain.ops import triton_filter_loss, triton_forms, triton_mask, triton_pyramid\n"
               "assert 'fastexplain.ops.triton_backend' not in sys.modules, 'cycle'\nprint('ok')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
@@ -467,6 +516,6 @@ def test_gpu_script_smoke_run_checks_every_kernel_and_writes_its_report(tmp_path
     [report_path] = tmp_path.glob("gpu_triton_*.json")
     report = json.loads(report_path.read_text())
     checks = next(iter(report["shapes"].values()))["checks"]
-    for kernel in ("triton_dense_ieee", "triton_pyramid", "pyramid_correlate_float64", "mask_centroid_relu0_tau"):
+    for kernel in ("triton_dense_ieee", "triton_gemm", "triton_pyramid", "pyramid_correlate_float64", "mask_centroid_relu0_tau"):
         assert checks[kernel]["ok"], checks[kernel]
     assert "Checks" in report_path.with_suffix(".md").read_text()

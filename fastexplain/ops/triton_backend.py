@@ -5,8 +5,9 @@ also run on CPU tensors through Triton's interpreter (slow: that is for testing,
 Value checks (NaN/Inf, negative inputs to the filter loss) are one torch reduction in eager mode, with
 the messages of ``_checks.py``; they are skipped while ``torch.compile`` traces.
 
-Imports go one way: this module imports the kernel modules (``triton_filter_loss``, ``triton_mask``),
-which import only ``_triton_common`` (the op decorator and the interpreter switch) and ``reference``.
+Imports go one way: this module imports ``triton_forms`` (the filter loss's three forms, over the kernel
+modules ``triton_filter_loss`` and ``triton_pyramid``) and ``triton_mask``; the kernel modules import only
+``_triton_common`` (the op decorator and the interpreter switch) and ``reference``.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def load_backend() -> Backend:
     if not device_types:
         raise BackendUnavailable("backend 'triton' needs a CUDA device (none found); set TRITON_INTERPRET=1 "
                                  "before importing triton to run its kernels on the CPU interpreter (slow)")
-    from .triton_filter_loss import triton_filter_loss
+    from .triton_forms import triton_filter_loss
     from .triton_mask import triton_template_mask
 
     def filter_loss(x: Tensor, beta: float) -> Tensor:

@@ -16,18 +16,17 @@ Per filter c the kernels never materialise the [B, HW+1] logits, let alone a [B,
 
 Extra memory: lme [C, HW+1], v [C, B], Ḡ [C, HW+1] (and mean_b x [C, HW] when B spans several batch
 tiles) — never O(B·C·HW). Compute dtype: float32 (float64 for float64 inputs), fp16/bf16 upcast on load.
-This is the "dense" form: its template product costs B·C·HW·(HW+1) multiply-adds (n⁴ per map). From
-n = max(H, W) ≥ LARGE_N on (or with ``use_form("pyramid")``) ``triton_filter_loss`` runs the "pyramid"
-form of ``triton_pyramid`` instead: the same loss, n³ work per map, the logits materialised.
+This is the "dense" form: its template product costs B·C·HW·(HW+1) multiply-adds (n⁴ per map), recomputed
+in every kernel. The forward and Ḡ kernels also read materialised logits (FROM_LOGITS): ``triton_forms``
+runs them on logits made by one matrix product ("gemm") or by the pyramid correlation ("pyramid") and
+chooses between the three forms.
 
 Triton has no portable expm1/log1p: ``_expm1``/``_log1p``/``_entropy_term`` are series for small
 arguments, so float32 matches the float64 reference to ~1e-6 relative like reference.py does.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import triton
@@ -35,7 +34,6 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import triton_pyramid
 from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 
@@ -117,9 +115,20 @@ def _centred_maps(x_ptr, xbar_ptr, c, b0, k0, B, HW, W, stride_b, stride_c, stri
 def _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau,
             stride_b, stride_c, stride_h, stride_w,
             BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-            CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """s[b, t] = Σ_k xc[b, k] T_t(k) for one (batch tile, template tile), templates made on the fly."""
+            CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+            FROM_LOGITS: tl.constexpr):
+    """s[b, t] = Σ_k xc[b, k] T_t(k) for one (batch tile, template tile), templates made on the fly.
+
+    With FROM_LOGITS, x_ptr holds materialised logits s[b, c, t] (strides stride_b, stride_c, stride_h;
+    ``triton_forms``) and the tile is loaded instead: 0 outside [B, T], as the computed tile is.
+    """
     t = t0 + tl.arange(0, BLOCK_T)
+    if FROM_LOGITS:
+        b = b0 + tl.arange(0, BLOCK_B)
+        offsets = (b.to(tl.int64)[:, None] * stride_b + c.to(tl.int64) * stride_c
+                   + t.to(tl.int64)[None, :] * stride_h)
+        inside = (b < B)[:, None] & (t < T)[None, :]
+        return tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float64 if IS_FP64 else tl.float32)
     s = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float64 if IS_FP64 else tl.float32)
     for k0 in range(0, HW, BLOCK_K):
         maps = _centred_maps(x_ptr, xbar_ptr, c, b0, k0, B, HW, W, stride_b, stride_c, stride_h, stride_w,
@@ -144,7 +153,8 @@ def _constants(H, W, IS_FP64: tl.constexpr):
 def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
                     stride_b, stride_c, stride_h, stride_w,
                     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                    CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+                    CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                    FROM_LOGITS: tl.constexpr = False):
     """One program per filter: lme_t (pass 1), then v_b and −MI (pass 2). docs/method.md §2, centred one-pass form.
 
     With the batch in one tile the two passes fuse: each logits tile is computed once.
@@ -162,7 +172,8 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
             total = tl.zeros((BLOCK_T,), dtype=tl.float64 if IS_FP64 else tl.float32)
             for b0 in range(0, B, BLOCK_B):
                 s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
-                            stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION)
+                            stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION,
+                            FROM_LOGITS)
                 valid_b = (b0 + tl.arange(0, BLOCK_B)) < B
                 tile_max = tl.max(tl.where(valid_b[:, None], s, -float("inf")), axis=0)
                 new_shift = tl.maximum(shift, tile_max - _SAFE_SPREAD)
@@ -187,7 +198,8 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
             t = t0 + tl.arange(0, BLOCK_T)
             valid_t = t < T
             s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
-                        stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION)
+                        stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION,
+                            FROM_LOGITS)
             if CENTRE_IN_TILE:  # all B images are in s: lme_t in one go (pass 1 was skipped)
                 shift = tl.maximum(tl.max(tl.where(valid_b[:, None], s, -float("inf")), axis=0) - _SAFE_SPREAD, 0.0)
                 total = tl.sum(tl.where(valid_b[:, None], _expm1(s - shift[None, :]), 0.0), axis=0)
@@ -219,7 +231,8 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
 def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
                  stride_b, stride_c, stride_h, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                 CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+                 CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                    FROM_LOGITS: tl.constexpr = False):
     """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of docs/method.md §2's gradient."""
     c = tl.program_id(0)
     HW = H * W
@@ -232,7 +245,8 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
         for b0 in range(0, B, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B)
             s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
-                        stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION)
+                        stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION,
+                            FROM_LOGITS)
             v = tl.load(v_ptr + c.to(tl.int64) * B + b, mask=b < B, other=0.0)
             u = s - lme[None, :]
             total += tl.sum(tl.where((b < B)[:, None], tl.exp(u) * (u - v[:, None]), 0.0), axis=0)
@@ -260,7 +274,7 @@ def _backward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, grad_ptr, dx_ptr
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
-                    stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION)
+                    stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION, False)
         lme = tl.load(lme_ptr + c.to(tl.int64) * T + t, mask=t < T, other=0.0)
         gbar = tl.load(gbar_ptr + c.to(tl.int64) * T + t, mask=t < T, other=0.0)
         u = s - lme[None, :]
@@ -290,7 +304,7 @@ def _tile_sizes(B: int, HW: int, device_type: str) -> dict[str, int]:
     """Block sizes. Forward and Ḡ kernels: BLOCK_B × BLOCK_T logits tiles over BLOCK_K positions. dx kernel:
     BACKWARD_B × BLOCK_I outputs, BACKWARD_T templates at a time; a whole map per program (BLOCK_I ≥ HW)
     avoids recomputing the logits per position tile. Under the CPU interpreter tiles are large (its cost
-    is per program and per op); the GPU sizes are untuned first choices (no GPU was available)."""
+    is per program and per op); the GPU sizes are untuned (on an H200 the dense form is slow: docs/triton-kernels.md)."""
     if device_type == "cpu":  # TRITON_INTERPRET=1
         block_b = _next_power_of_2(B, 16, 128)
         block_t = _next_power_of_2(HW + 1, 16, 256)
@@ -379,40 +393,3 @@ def _backward(ctx, grad_loss: Tensor | None, grad_lme: Tensor | None, grad_v: Te
 
 
 filter_loss_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# The two forms of the filter loss: "dense" (the fused kernels above, template tiles through tl.dot, n⁴ work
-# per map) and "pyramid" (triton_pyramid: the L1-pyramid correlation by cumulative sums, n³ work per map,
-# logits materialised). "auto" takes the pyramid form from n = max(H, W) ≥ LARGE_N on.
-FORMS = ("dense", "pyramid")
-FORM = "auto"
-LARGE_N = 28
-
-
-def chosen_form(H: int, W: int) -> str:
-    """The form ``triton_filter_loss`` runs for H×W maps under the current ``FORM``."""
-    if FORM == "auto":
-        return "pyramid" if max(H, W) >= LARGE_N else "dense"
-    if FORM not in FORMS:
-        raise ValueError(f"filter_loss: triton_filter_loss.FORM must be 'auto' or one of {FORMS}, got {FORM!r}")
-    return FORM
-
-
-@contextlib.contextmanager
-def use_form(form: str) -> Iterator[None]:
-    """Run the Triton filter loss in ``form`` ("auto", "dense" or "pyramid") inside the block (tests, benchmarks)."""
-    global FORM
-    if form != "auto" and form not in FORMS:
-        raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
-    previous, FORM = FORM, form
-    try:
-        yield
-    finally:
-        FORM = previous
-
-
-def triton_filter_loss(x: Tensor, beta: float) -> Tensor:
-    """−MI per filter [C] via the Triton kernels; x already validated for rank/dtype (values are not)."""
-    if chosen_form(x.shape[2], x.shape[3]) == "pyramid":
-        return triton_pyramid.pyramid_filter_loss(x, beta)
-    return filter_loss_forward(x, beta)[0]

@@ -18,11 +18,9 @@ the ⌈r⌉ row offsets, two input rows each: 2⌈r⌉·W work per output row, O
 of O(HW²) = O(n⁴).
 
 P is a linear map and its kernel is symmetric, so its adjoint is itself: the op ``pyramid_correlate``
-is its own backward. The filter loss on top is the reference's centred mutual information
-(``reference.mutual_information``) on the materialised logits [C, B, HW+1], differentiated by autograd:
-elementwise work O(B·C·HW) and memory of a few logits-sized tensors (like the reference), while the only
-super-quadratic work, the template product, is the O(n³) correlation above. Used for maps with
-max(H, W) ≥ ``triton_filter_loss.LARGE_N`` (where the dense form's n⁴ dominates), or when asked.
+is its own backward. ``pyramid_logits`` builds the logits [C, B, HW+1] from it; ``triton_forms`` runs the
+fused MI kernels on them (the "pyramid" form, chosen for maps with max(H, W) ≥ ``triton_forms.LARGE_N``,
+where the dense product's n⁴ dominates). Autograd carries ∂MI/∂s back through the correlation.
 """
 from __future__ import annotations
 
@@ -34,10 +32,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import reference
 from ._triton_common import register_kernel_op
 from .reference import compute_dtype
-from ..templates import template_priors
 
 
 @triton.jit
@@ -154,10 +150,3 @@ def pyramid_logits(x: Tensor, beta: float) -> Tensor:
     pyramid = pyramid_correlate(centred.transpose(0, 1), 2.0 * n / beta)  # [C, B, H, W]
     totals = centred.sum(dim=(2, 3)).transpose(0, 1)[..., None]          # S_b, [C, B, 1]
     return torch.cat([-tau * totals, tau * (kappa * pyramid.reshape(C, B, H * W) - totals)], dim=2)
-
-
-def pyramid_filter_loss(x: Tensor, beta: float) -> Tensor:
-    """−MI per filter [C] (compute dtype, differentiable in x) by the large-map form; x already validated."""
-    B, C, H, W = x.shape
-    priors = template_priors(H, W, dtype=compute_dtype(x), device=x.device)
-    return -reference.mutual_information(pyramid_logits(x, beta), priors)

@@ -1,0 +1,192 @@
+"""The three forms of the Triton filter loss (docs/method.md §1–2) and the choice between them.
+
+* **dense** (``triton_filter_loss``): fused kernels that recompute the logits s = T·xc from template tiles
+  generated on the fly in every pass; no logits in memory, B·C·HW·(HW+1) multiply-adds per pass.
+* **gemm**: the logits materialised once by one matrix product, s[b, c, :] = T · xc[b, c, :] (cuBLAS on a GPU;
+  xc = x − mean_b x as in the reference), then the fused MI kernels below read them. Autograd carries the
+  gradient ∂MI/∂s back through the product: dxc = ds · T, a second matrix product.
+* **pyramid** (``triton_pyramid``): the logits by the O(n³) L1-pyramid correlation instead of the product,
+  then the same fused MI kernels.
+
+The MI on materialised logits (``logits_mi_forward`` / ``logits_mi_backward``) runs the dense form's forward and
+Ḡ kernels in their FROM_LOGITS mode (same numerics: centred one-pass form, series for expm1/log1p/f), plus
+one elementwise kernel for ∂loss/∂s = −g_c·e^u p_t (u − v_b − Ḡ_t)/B. Extra memory: the logits [B, C, HW+1]
+(kept for the backward pass) and their gradient.
+
+``FORM = "auto"`` on CUDA: "gemm" up to n = max(H, W) = GEMM_MAX_N when float32 matrix products run in full
+precision (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default) or the input is float64,
+else "pyramid" (never TF32 logits behind the user's back). Measured on an H200 (benchmarks/results/
+gpu_triton_nvidia-h200.md): gemm is the fastest form at n = 14, 28 and 56, pyramid the next, dense the slowest;
+the pyramid form's O(n³) work wins once the product's O(n⁴) does, beyond the sizes measured. Under the CPU
+interpreter (tests): "dense" below LARGE_N, "pyramid" from there, so that both kernel families are exercised.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from ._triton_common import register_kernel_op
+from .reference import compute_dtype
+from . import triton_filter_loss as dense
+from .triton_pyramid import pyramid_logits
+from ..templates import part_templates
+
+FORMS = ("dense", "gemm", "pyramid")
+FORM = "auto"
+LARGE_N = 28       # interpreter: the pyramid form from this n = max(H, W) on
+GEMM_MAX_N = 56    # CUDA: the gemm form up to this n (the largest size measured faster than the pyramid form)
+
+
+@triton.jit
+def _dlogits_kernel(s_ptr, lme_ptr, v_ptr, gbar_ptr, grad_ptr, ds_ptr, B, C, T,
+                    stride_b, stride_c, stride_t,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP64: tl.constexpr):
+    """ds[b, c, t] = −g_c · e^u p_t (u − v_b − Ḡ_t) / B with u = s − lme_t (docs/method.md §2 exact gradient);
+    ds contiguous [B, C, T]."""
+    dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    c = tl.program_id(0)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inside = (b < B)[:, None] & (t < T)[None, :]
+    s = tl.load(s_ptr + b.to(tl.int64)[:, None] * stride_b + c.to(tl.int64) * stride_c
+                + t.to(tl.int64)[None, :] * stride_t, mask=inside, other=0.0).to(dtype)
+    lme = tl.load(lme_ptr + c.to(tl.int64) * T + t, mask=t < T, other=0.0)
+    gbar = tl.load(gbar_ptr + c.to(tl.int64) * T + t, mask=t < T, other=0.0)
+    v = tl.load(v_ptr + c.to(tl.int64) * B + b, mask=b < B, other=0.0)
+    grad = tl.load(grad_ptr + c).to(dtype)
+    prior = 1.0 / tl.cast(T, dtype)
+    u = s - lme[None, :]
+    ds = -grad * tl.exp(u) * prior * (u - v[:, None] - gbar[None, :]) / B
+    offsets = (b.to(tl.int64)[:, None] * C + c) * T + t[None, :]
+    tl.store(ds_ptr + offsets, ds, mask=inside)
+
+
+def _mi_launch(s: Tensor) -> tuple[dict[str, int], dict[str, object]]:
+    """Tile sizes and the kernel arguments shared by the FROM_LOGITS launches for logits s [B, C, T]."""
+    B, C, T = s.shape
+    tiles = dense._tile_sizes(B, T - 1, s.device.type)
+    # (H, W) = (1, T − 1) gives the kernels τ and the priors 1/T; n and β are only read by the computed tiles
+    common = {"B": B, "C": C, "H": 1, "W": T - 1, "beta": 1.0, "stride_b": s.stride(0), "stride_c": s.stride(1),
+              "stride_h": s.stride(2), "stride_w": 0, "BLOCK_B": tiles["BLOCK_B"], "BLOCK_T": tiles["BLOCK_T"],
+              "BLOCK_K": 16, "CENTRE_IN_TILE": B <= tiles["BLOCK_B"], "IS_FP64": s.dtype == torch.float64,
+              "PRECISION": "ieee", "FROM_LOGITS": True}
+    return tiles, common
+
+
+def _mi_forward_fake(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, C, T = s.shape
+    return s.new_empty((C,)), s.new_empty((C, T)), s.new_empty((C, B))
+
+
+@register_kernel_op("fastexplain_triton::logits_mi_forward", _mi_forward_fake)
+def logits_mi_forward(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(−MI per filter [C], lme [C, T], v [C, B]) from logits s [B, C, T] (float32/64, any strides)."""
+    B, C, T = s.shape
+    _, common = _mi_launch(s)
+    loss, lme, v = s.new_empty((C,)), s.new_empty((C, T)), s.new_empty((C, B))
+    wrap_triton(dense._forward_kernel)[(C,)](s, s, lme, v, loss, **common)
+    return loss, lme, v
+
+
+def _mi_backward_fake(s: Tensor, lme: Tensor, v: Tensor, grad_loss: Tensor) -> Tensor:
+    return s.new_empty(s.shape)
+
+
+@register_kernel_op("fastexplain_triton::logits_mi_backward", _mi_backward_fake)
+def logits_mi_backward(s: Tensor, lme: Tensor, v: Tensor, grad_loss: Tensor) -> Tensor:
+    """∂(Σ_c g_c loss_c)/∂s, contiguous [B, C, T]: Ḡ (one kernel over the batch), then one elementwise kernel."""
+    B, C, T = s.shape
+    tiles, common = _mi_launch(s)
+    gbar = torch.empty_like(lme)
+    wrap_triton(dense._gbar_kernel)[(C,)](s, s, lme, v, gbar, **common)
+    ds = s.new_empty((B, C, T))
+    block_b, block_t = min(tiles["BLOCK_B"], 32), 64
+    grid = (C, triton.cdiv(B, block_b), triton.cdiv(T, block_t))
+    wrap_triton(_dlogits_kernel)[grid](s, lme, v, gbar, grad_loss.to(lme.dtype).contiguous(), ds, B, C, T,
+                                       *s.stride(), BLOCK_B=block_b, BLOCK_T=block_t,
+                                       IS_FP64=s.dtype == torch.float64)
+    return ds
+
+
+def _mi_setup(ctx, inputs, output) -> None:
+    _, lme, v = output
+    ctx.save_for_backward(inputs[0], lme, v)
+    ctx.mark_non_differentiable(lme, v)
+
+
+def _mi_backward(ctx, grad_loss: Tensor | None, grad_lme: Tensor | None, grad_v: Tensor | None):
+    if grad_loss is None:
+        return None
+    return logits_mi_backward(*ctx.saved_tensors, grad_loss)
+
+
+logits_mi_forward.register_autograd(_mi_backward, setup_context=_mi_setup)
+
+_TEMPLATE_CACHE: dict[tuple, Tensor] = {}
+
+
+def _templates(H: int, W: int, beta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The [HW+1, HW] template matrix, kept per (size, β, dtype, device) in eager mode (a few launches saved)."""
+    if torch.compiler.is_compiling():
+        return part_templates(H, W, beta=beta, dtype=dtype, device=device).reshape(H * W + 1, H * W)
+    key = (H, W, float(beta), dtype, device)
+    if key not in _TEMPLATE_CACHE:
+        if len(_TEMPLATE_CACHE) >= 16:
+            _TEMPLATE_CACHE.clear()
+        _TEMPLATE_CACHE[key] = part_templates(H, W, beta=beta, dtype=dtype, device=device).reshape(H * W + 1, H * W)
+    return _TEMPLATE_CACHE[key]
+
+
+def gemm_logits(x: Tensor, beta: float) -> Tensor:
+    """s [B, C, HW+1] = (x − mean_b x) · Tᵀ in the compute dtype, differentiable: one matrix product."""
+    B, C, H, W = x.shape
+    maps = x.to(compute_dtype(x)).reshape(B, C, H * W)
+    centred = maps - maps.mean(dim=0, keepdim=True)
+    return centred @ _templates(H, W, beta, centred.dtype, x.device).T
+
+
+@torch.compiler.assume_constant_result
+def _float32_products_in_full_precision() -> bool:
+    """Whether float32 matrix products run in full precision (not TF32): a constant for torch.compile."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def chosen_form(H: int, W: int, device_type: str = "cuda", dtype: torch.dtype = torch.float32) -> str:
+    """The form ``triton_filter_loss`` runs for H×W maps on ``device_type`` under the current ``FORM``."""
+    if FORM == "auto":
+        n = max(H, W)
+        if device_type != "cuda":
+            return "pyramid" if n >= LARGE_N else "dense"
+        full_precision = dtype == torch.float64 or _float32_products_in_full_precision()
+        return "gemm" if n <= GEMM_MAX_N and full_precision else "pyramid"
+    if FORM not in FORMS:
+        raise ValueError(f"filter_loss: triton_forms.FORM must be 'auto' or one of {FORMS}, got {FORM!r}")
+    return FORM
+
+
+@contextlib.contextmanager
+def use_form(form: str) -> Iterator[None]:
+    """Run the Triton filter loss in ``form`` ("auto" or one of FORMS) inside the block (tests, benchmarks)."""
+    global FORM
+    if form != "auto" and form not in FORMS:
+        raise ValueError(f"form must be 'auto' or one of {FORMS}, got {form!r}")
+    previous, FORM = FORM, form
+    try:
+        yield
+    finally:
+        FORM = previous
+
+
+def triton_filter_loss(x: Tensor, beta: float) -> Tensor:
+    """−MI per filter [C] via the Triton kernels; x already validated for rank/dtype (values are not)."""
+    form = chosen_form(x.shape[2], x.shape[3], x.device.type, x.dtype)
+    if form == "dense":
+        return dense.filter_loss_forward(x, beta)[0]
+    logits = gemm_logits(x, beta) if form == "gemm" else pyramid_logits(x, beta).transpose(0, 1)
+    return logits_mi_forward(logits)[0]
