@@ -11,7 +11,9 @@
 * **Floors** (the best of several repetitions: a floor is what the machine can do at best): copy bandwidth (``dst.copy_(src)`` on pre-allocated 128 MiB buffers, counting the bytes
   read plus the bytes written) and exp throughput (``torch.exp(a, out=b)`` on a pre-allocated 4 MiB
   float32 tensor that stays in cache, elements per second), plus, per shape, the time to copy the
-  [B, C, n, n] map once into a pre-allocated buffer.
+  [B, C, n, n] map once into a pre-allocated buffer (the same buffers every time: on a CPU with a large
+  last-level cache they stay in it) and, beside it, once from memory (``copy_from_memory_time``: rotating
+  over enough buffer pairs that none is still cached, as the mask step's four map-sized tensors are not).
 """
 from __future__ import annotations
 
@@ -123,6 +125,29 @@ def copy_time(shape: tuple[int, int, int], device: torch.device, *, reps: int = 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def copy_from_memory_time(shape: tuple[int, int, int], device: torch.device, *, working_set: int = 1 << 30,
+                          reps: int = 3) -> float:
+    """Median seconds to copy a float32 [B, C, n, n] map once when source and destination come from memory:
+    copies rotate over buffer pairs totalling ``working_set`` bytes (at most 32 pairs), so none is cached."""
+    B, C, n = shape
+    pairs = max(2, min(32, working_set // (2 * 4 * B * C * n * n)))
+    sources = [torch.rand(B, C, n, n, device=device) for _ in range(pairs)]
+    targets = [torch.empty_like(source) for source in sources]
+    for source, target in zip(sources, targets):
+        target.copy_(source)  # touch every page
+    times = []
+    for _ in range(reps):
+        for source, target in zip(sources, targets):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.copy_(source)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def machine_info() -> dict[str, object]:

@@ -153,9 +153,10 @@ def _availability() -> dict[str, str | None]:
 
 def _floors(measure, device, shapes) -> dict[str, Any]:
     floors: dict[str, Any] = {"copy_bandwidth_Bps": measure.copy_bandwidth(),
-                              "exp_per_s": measure.exp_throughput(), "copy_s": {}}
+                              "exp_per_s": measure.exp_throughput(), "copy_s": {}, "copy_from_memory_s": {}}
     for shape in shapes:
         floors["copy_s"]["x".join(map(str, shape))] = measure.copy_time(shape, device)
+        floors["copy_from_memory_s"]["x".join(map(str, shape))] = measure.copy_from_memory_time(shape, device)
     return floors
 
 

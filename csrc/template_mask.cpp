@@ -12,6 +12,9 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -285,6 +288,18 @@ inline int64_t check_and_argmax_avx512(const float* map, int64_t HW, bool& nonfi
 }
 #endif
 
+// Software prefetch of the map `ahead` maps after bc when the maps lie one after another in memory (dense
+// NCHW): the per-map work (peak search, then the masked row) is a dependent chain that leaves the hardware
+// prefetcher too little lead when the tensor streams from DRAM.
+template <typename T>
+inline void prefetch_map(const T* base, int64_t bc, int64_t ahead, int64_t end, int64_t map_stride, int64_t HW) {
+#if defined(__SSE__)
+  if (bc + ahead >= end) return;
+  const char* p = reinterpret_cast<const char*>(base + (bc + ahead) * map_stride);
+  for (int64_t byte = 0; byte < HW * int64_t(sizeof(T)); byte += 64) _mm_prefetch(p + byte, _MM_HINT_T0);
+#endif
+}
+
 // The maps begin … end−1 (flat index b·C + c) of the bit-mask forward pass: y in y's layout, peaks, keep bits.
 template <bool kRelu, typename scalar_t, typename F>
 void forward_maps_bits(const scalar_t* x_data, const MaskGeometry& g, const MaskSource<F>& masks, bool centroid,
@@ -293,12 +308,14 @@ void forward_maps_bits(const scalar_t* x_data, const MaskGeometry& g, const Mask
   const int64_t words = words_per_map(g.HW);
   std::vector<F> map_buffer(g.HW), mask_buffer(masks.table.empty() ? g.HW : 0);
   std::vector<scalar_t> out_buffer(y_layout.dense ? 0 : g.HW);
+  const bool sequential_maps = g.dense_maps && g.sC == g.HW && g.sB == g.C * g.HW;
   int64_t b = begin / g.C, c = begin % g.C;
   for (int64_t bc = begin; bc < end; ++bc, ++c) {
     if (c == g.C) {
       c = 0;
       ++b;
     }
+    if (sequential_maps) prefetch_map(x_data, bc, 2, end, g.sC, g.HW);
     const F* __restrict map = image_values(x_data + b * g.sB + c * g.sC, g, map_buffer.data());
     bool nonfinite = false;
     int64_t peak = 0;
@@ -380,8 +397,10 @@ at::Tensor backward_bits_typed(const at::Tensor& grad_y, const at::Tensor& peaks
   at::parallel_for(0, g.B * g.C, 16, [&](int64_t begin, int64_t end) {
     std::vector<F> mask_buffer(masks.table.empty() ? g.HW : 0);
     std::vector<scalar_t> grad_buffer(grad_layout.dense ? 0 : g.HW), dx_buffer(dx_layout.dense ? 0 : g.HW);
+    const bool sequential_maps = grad_layout.dense && grad_layout.sC == g.HW && grad_layout.sB == g.C * g.HW;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / g.C, c = bc % g.C;
+      if (sequential_maps) prefetch_map(grad_data, bc, 2, end, grad_layout.sC, g.HW);
       const scalar_t* grad = grad_data + grad_layout.offset(b, c);
       if (!grad_layout.dense) {
         for (int64_t r = 0; r < g.H; ++r)
