@@ -1,0 +1,68 @@
+"""The markdown report of ``benchmarks/gpu_triton.py`` (checks, timings, scaling, profile) from its JSON."""
+from __future__ import annotations
+
+
+def _ms(entry: object) -> str:
+    if isinstance(entry, dict) and "forward_backward_ms" in entry:
+        return f"{entry['forward_backward_ms']:.3g} ms"
+    if isinstance(entry, dict):
+        return entry.get("skipped") or "error"
+    return "—"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Triton kernels on {report['device']}", "",
+             f"- torch {report['torch']}, triton {report['triton']}, python {report['python']}; {report['date']}",
+             f"- {report['timing']}; checks against the float64 reference", ""]
+    if report.get("smoke"):
+        lines += ["**Smoke run (tiny shapes, possibly the CPU interpreter): the times mean nothing.**", ""]
+    lines += ["## Checks", "", "| shape | kernel | ok | errors |", "|---|---|---|---|"]
+    for key, entry in report["shapes"].items():
+        for name, check in entry["checks"].items():
+            errors = ", ".join(f"{k} {v:.1e}" for k, v in check.items() if isinstance(v, float))
+            lines.append(f"| {key} | {name} | {'yes' if check['ok'] else 'NO'} | {errors or check.get('error', '')} |")
+    lines += ["", "## Filter loss, forward + backward", ""]
+    for key, entry in report["shapes"].items():
+        timings = entry.get("timings", {})
+        if not isinstance(timings, dict) or "floor_ms" not in timings:
+            continue
+        lines += [f"### {key} (floor {timings['floor_ms']:.3g} ms: read x twice, write dx once at "
+                  f"{timings['copy_bandwidth_GBps']:.0f} GB/s)", "",
+                  "Eager: launched from Python as a training loop runs it. Graph: the same forward + backward replayed "
+                  "from a CUDA graph, the device time alone (ratios against the baselines' graph replays).", "",
+                  "| variant | fwd+bwd eager | × floor | vs textbook eager | vs textbook compiled | vs reference "
+                  "| fwd+bwd graph | × floor | vs textbook eager | vs textbook compiled | float32 error (loss, grad) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, value in timings.items():
+            if not isinstance(value, dict) or name == "mask_relu_triton":
+                continue
+            ratio = lambda k: f"{value[k]:.1f}×" if k in value else ""  # noqa: E731
+            error = (f"{value['loss_rel_error_vs_float64']:.1e}, {value['grad_rel_error_vs_float64']:.1e}"
+                     if "loss_rel_error_vs_float64" in value else "")
+            graph = f"{value['graph_forward_backward_ms']:.3g} ms" if "graph_forward_backward_ms" in value else \
+                value.get("graph_error", "—")[:40]
+            lines.append(f"| {name} | {_ms(value)} | {ratio('x_floor')} | {ratio('speedup_vs_textbook_eager')} | "
+                         f"{ratio('speedup_vs_textbook_compiled')} | {ratio('speedup_vs_reference_eager')} | {graph} | "
+                         f"{ratio('graph_x_floor')} | {ratio('graph_speedup_vs_textbook_eager')} | "
+                         f"{ratio('graph_speedup_vs_textbook_compiled')} | {error} |")
+        mask = timings.get("mask_relu_triton")
+        if isinstance(mask, dict) and "x_copy" in mask:
+            lines += ["", f"ReLU + mask forward + backward: {mask['forward_backward_ms']:.3g} ms = "
+                          f"{mask['x_copy']:.2f}× one copy of x ({timings['copy_ms']:.3g} ms); goal ≤ 2.5×"]
+            if "graph_x_copy" in mask:
+                lines += [f"From a CUDA graph: {mask['graph_forward_backward_ms']:.3g} ms = {mask['graph_x_copy']:.2f}× "
+                          f"one copy ({mask['graph_copy_ms']:.3g} ms)"]
+        lines.append("")
+    sweep = report.get("scaling")
+    if sweep:
+        lines += [f"## Scaling in n (B={sweep['batch']}, C={sweep['channels']}, forward + backward)", "",
+                  "| variant | " + " | ".join(f"n={n}" for n in sorted({c['n'] for c in sweep['cases']})) + " | last slope |",
+                  "|---|" + "---|" * (len({c['n'] for c in sweep['cases']}) + 1)]
+        for name in sorted({c["variant"] for c in sweep["cases"]}):
+            row = [_ms(c) for c in sweep["cases"] if c["variant"] == name]
+            slope = sweep["last_slope"].get(name)
+            lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
+                         f"| {name} | " + " | ".join(row) + " | — |")
+    if report.get("profile"):
+        lines += ["", "## Profile (10 forward + backward steps, device kernels)", "", "```", report["profile"], "```"]
+    return "\n".join(lines) + "\n"
