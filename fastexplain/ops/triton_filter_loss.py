@@ -199,7 +199,7 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
             valid_t = t < T
             s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
                         stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION,
-                            FROM_LOGITS)
+                        FROM_LOGITS)
             if CENTRE_IN_TILE:  # all B images are in s: lme_t in one go (pass 1 was skipped)
                 shift = tl.maximum(tl.max(tl.where(valid_b[:, None], s, -float("inf")), axis=0) - _SAFE_SPREAD, 0.0)
                 total = tl.sum(tl.where(valid_b[:, None], _expm1(s - shift[None, :]), 0.0), axis=0)
@@ -232,7 +232,7 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
                  stride_b, stride_c, stride_h, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                  CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-                    FROM_LOGITS: tl.constexpr = False):
+                 FROM_LOGITS: tl.constexpr = False):
     """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of docs/method.md §2's gradient."""
     c = tl.program_id(0)
     HW = H * W
@@ -246,7 +246,7 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
             b = b0 + tl.arange(0, BLOCK_B)
             s = _logits(x_ptr, xbar_ptr, c, b0, t0, B, HW, W, T, n, beta, tau, stride_b, stride_c,
                         stride_h, stride_w, BLOCK_B, BLOCK_T, BLOCK_K, CENTRE_IN_TILE, IS_FP64, PRECISION,
-                            FROM_LOGITS)
+                        FROM_LOGITS)
             v = tl.load(v_ptr + c.to(tl.int64) * B + b, mask=b < B, other=0.0)
             u = s - lme[None, :]
             total += tl.sum(tl.where((b < B)[:, None], tl.exp(u) * (u - v[:, None]), 0.0), axis=0)
