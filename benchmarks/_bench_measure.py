@@ -109,22 +109,24 @@ def exp_throughput(*, numel: int = 2 ** 20, reps: int = 100) -> float:
     return numel / min(times)
 
 
+def _timed_copy(source: torch.Tensor, target: torch.Tensor) -> float:
+    """Seconds of one ``target.copy_(source)``, synchronised on CUDA."""
+    if source.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    target.copy_(source)
+    if source.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def copy_time(shape: tuple[int, int, int], device: torch.device, *, reps: int = 10) -> float:
     """Fastest of ``reps`` seconds to copy a float32 [B, C, n, n] map once into a pre-allocated buffer."""
     B, C, n = shape
     src = torch.rand(B, C, n, n, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(_timed_copy(src, dst) for _ in range(reps))
 
 
 def copy_from_memory_time(shape: tuple[int, int, int], device: torch.device, *, working_set: int = 1 << 30,
@@ -137,17 +139,8 @@ def copy_from_memory_time(shape: tuple[int, int, int], device: torch.device, *, 
     targets = [torch.empty_like(source) for source in sources]
     for source, target in zip(sources, targets):
         target.copy_(source)  # touch every page
-    times = []
-    for _ in range(reps):
-        for source, target in zip(sources, targets):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            target.copy_(source)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed_copy(source, target) for _ in range(reps)
+                             for source, target in zip(sources, targets))
 
 
 def machine_info() -> dict[str, object]:
