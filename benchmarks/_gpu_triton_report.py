@@ -63,6 +63,15 @@ def markdown(report: dict) -> str:
             slope = sweep["last_slope"].get(name)
             lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
                          f"| {name} | " + " | ".join(row) + " | — |")
+    if report.get("mi_sweep"):
+        lines += ["", f"## Launch sweep of the gemm form's MI kernels ({next(iter(report['shapes']))})", "",
+                  "| launch (triton_forms.MI_LAUNCH) | ok | forward | Ḡ + ∂s | errors (loss, ∂s) |", "|---|---|---|---|---|"]
+        for row in report["mi_sweep"]:
+            times = [f"{row[k]:.3g} ms" if k in row else row.get("skipped", row.get("error", "—"))[:60]
+                     for k in ("forward_ms", "backward_ms")]
+            errors = (f"{row['loss_rel_error']:.1e}, {row['ds_rel_error']:.1e}" if "loss_rel_error" in row else "")
+            ok = "" if "ok" not in row else ("yes" if row["ok"] else "NO")
+            lines.append(f"| {row['launch'] or 'default'} | {ok} | {times[0]} | {times[1]} | {errors} |")
     if report.get("profile"):
         lines += ["", "## Profile (10 forward + backward steps, device kernels)", "", "```", report["profile"], "```"]
     return "\n".join(lines) + "\n"

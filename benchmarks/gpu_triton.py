@@ -26,6 +26,10 @@ CPU interpreter without a GPU — to check that this script itself works; its ti
    the slope of log time against log n between the last two sizes (goal for the Triton backend's
    automatic choice: ≤ 3 at n ≥ 28).
 
+5. **Launch sweep** of the gemm form's MI kernels (``triton_forms.MI_LAUNCH``: tiles and warps) at the first
+   shape, each setting checked against float64 before it is timed (``--no-sweep`` skips it); and a profiler
+   table of 10 forward + backward steps of the gemm form.
+
 Timing stops once ``--budget`` seconds have passed (the remaining entries say so); checks always run.
 Results: ``<out>/gpu_triton_<device>.json`` and ``.md`` with the device name, versions and date. Only
 measured numbers are written; a step that fails records its error instead of a number.
@@ -285,6 +289,48 @@ def scaling(device: str, bench: Bench, sweep: tuple) -> dict[str, object]:
     return {"batch": B, "channels": C, "cases": cases, "last_slope": slopes}
 
 
+MI_SWEEP = ({}, {"BLOCK_T": 32}, {"num_warps": 8}, {"BLOCK_T": 32, "num_warps": 8}, {"BLOCK_B": 32, "BLOCK_T": 32},
+            {"BLOCK_T": 128, "num_warps": 8})
+
+
+def sweep_mi(shape: tuple[int, ...], device: str, bench: Bench, launches: tuple = MI_SWEEP) -> list[dict]:
+    """The gemm form's MI kernels (``triton_forms.MI_LAUNCH``) under each launch setting: checked against the
+    float64 reference on the same logits (loss and ∂loss/∂s within 1e-4), then timed (forward; Ḡ + ∂s)."""
+    from fastexplain.ops import reference, triton_forms
+    from fastexplain.templates import template_priors
+
+    B, C, H, W = shape
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(6))).to(device)
+    logits = triton_forms.gemm_logits(x, BETA).detach()
+    weights = torch.rand(C, generator=torch.Generator().manual_seed(7)).to(device)
+    leaf = logits.double().requires_grad_()
+    priors = template_priors(H, W, dtype=torch.float64, device=device)
+    truth = -reference.mutual_information(leaf.transpose(0, 1), priors)
+    (truth * weights.double()).sum().backward()
+    rows = []
+    for launch in launches:
+        if not bench.left():
+            rows.append({"launch": launch, "skipped": "time budget spent"})
+            continue
+        triton_forms.MI_LAUNCH.clear()
+        triton_forms.MI_LAUNCH.update(launch)
+        try:
+            loss, lme, v = triton_forms.logits_mi_forward(logits)
+            ds = triton_forms.logits_mi_backward(logits, lme, v, weights)
+            row = {"launch": launch, "loss_rel_error": _relative(loss, truth.detach()),
+                   "ds_rel_error": _relative(ds, leaf.grad)}
+            row["ok"] = row["loss_rel_error"] <= 1e-4 and row["ds_rel_error"] <= 1e-4
+            if row["ok"]:
+                row["forward_ms"] = bench(lambda: triton_forms.logits_mi_forward(logits))
+                row["backward_ms"] = bench(lambda: triton_forms.logits_mi_backward(logits, lme, v, weights))
+            rows.append(row)
+        except Exception as error:  # a setting that does not build (e.g. out of registers): recorded
+            rows.append({"launch": launch, "ok": False, "error": f"{type(error).__name__}: {error}"[:300]})
+        finally:
+            triton_forms.MI_LAUNCH.clear()
+    return rows
+
+
 def profile(shape: tuple[int, ...], fn: Callable, rows: int = 14) -> str:
     """torch.profiler's table of device kernels for 10 forward + backward steps of ``fn`` (CUDA only)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -308,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=200.0, help="seconds after which timing stops (default 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(textbook) column")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device the backend runs on")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweep of the gemm form's MI kernels")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -352,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         report["shapes"][key] = entry  # type: ignore[index]
         print(f"{key}: checks {'ok' if all(c['ok'] for c in checks.values()) else 'FAILED'}", flush=True)
     report["scaling"] = scaling(device, bench, SMOKE_SCALING if args.smoke else SCALING)
+    if not args.no_sweep:
+        report["mi_sweep"] = sweep_mi(shapes[0], device, bench, MI_SWEEP if device == "cuda" else MI_SWEEP[:2])
+        status |= int(not all(row.get("ok", True) for row in report["mi_sweep"]))
     if device == "cuda" and bench.left():
         try:
             report["profile"] = profile(shapes[0], _triton_variant("gemm", "ieee"))

@@ -449,6 +449,19 @@ def test_mi_kernels_on_strided_logits_stay_in_bounds(small_tiles):
     torch.testing.assert_close(ds, leaf.grad, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("launch", [{"BLOCK_B": 16, "BLOCK_T": 16}, {"BLOCK_T": 32, "num_warps": 8}])
+def test_mi_launch_overrides_keep_the_result(monkeypatch, launch):
+    """triton_forms.MI_LAUNCH (the GPU script's sweep) changes tiles and warps, never the loss or its gradient."""
+    monkeypatch.setattr(triton_forms, "MI_LAUNCH", dict(launch))
+    x = _maps((19, 2, 3, 5), scale=2.0, seed=12)
+    weights = torch.rand(2, dtype=torch.float64) + 0.5
+    fn = lambda t, b: filter_loss(t, beta=b, reduction="none", backend="triton")  # noqa: E731
+    with triton_forms.use_form("gemm"):
+        torch.testing.assert_close(fn(x, 4.0), reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(_grad(fn, x, weights), _grad(reference.filter_loss_per_filter, x, weights),
+                                   rtol=1e-9, atol=1e-15)
+
+
 def test_auto_form_uses_the_matrix_product_only_in_full_precision():
     """On CUDA "auto" takes the gemm form up to GEMM_MAX_N, unless float32 matrix products may run in TF32;
     the pyramid form otherwise. The interpreter keeps dense below LARGE_N (its kernels are the ones tested)."""

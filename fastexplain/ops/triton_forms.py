@@ -37,6 +37,9 @@ from . import triton_filter_loss as dense
 from .triton_pyramid import pyramid_logits
 from ..templates import part_templates
 
+#: launch overrides of the FROM_LOGITS forward and Ḡ kernels ("BLOCK_B", "BLOCK_T", "num_warps"; empty: the dense
+#: form's tiles, 4 warps). Untuned on a GPU: ``benchmarks/gpu_triton.py`` times alternatives (its MI sweep).
+MI_LAUNCH: dict[str, int] = {}
 FORMS = ("dense", "gemm", "pyramid")
 FORM = "auto"
 LARGE_N = 28       # interpreter: the pyramid form from this n = max(H, W) on
@@ -71,11 +74,14 @@ def _mi_launch(s: Tensor) -> tuple[dict[str, int], dict[str, object]]:
     """Tile sizes and the kernel arguments shared by the FROM_LOGITS launches for logits s [B, C, T]."""
     B, C, T = s.shape
     tiles = dense._tile_sizes(B, T - 1, s.device.type)
+    tiles = {**tiles, **{k: v for k, v in MI_LAUNCH.items() if k in ("BLOCK_B", "BLOCK_T")}}
     # (H, W) = (1, T − 1) gives the kernels τ and the priors 1/T; n and β are only read by the computed tiles
     common = {"B": B, "C": C, "H": 1, "W": T - 1, "beta": 1.0, "stride_b": s.stride(0), "stride_c": s.stride(1),
               "stride_h": s.stride(2), "stride_w": 0, "BLOCK_B": tiles["BLOCK_B"], "BLOCK_T": tiles["BLOCK_T"],
               "BLOCK_K": 16, "CENTRE_IN_TILE": B <= tiles["BLOCK_B"], "IS_FP64": s.dtype == torch.float64,
               "PRECISION": "ieee", "FROM_LOGITS": True}
+    if "num_warps" in MI_LAUNCH:
+        common["num_warps"] = MI_LAUNCH["num_warps"]
     return tiles, common
 
 
