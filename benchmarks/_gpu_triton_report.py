@@ -55,11 +55,15 @@ def markdown(report: dict) -> str:
         lines.append("")
     sweep = report.get("scaling")
     if sweep:
-        lines += [f"## Scaling in n (B={sweep['batch']}, C={sweep['channels']}, forward + backward)", "",
+        graphs = all("graph_forward_backward_ms" in c for c in sweep["cases"] if "forward_backward_ms" in c)
+        kind = "CUDA-graph replays; eager in parentheses" if graphs and report["device"] != "CPU (Triton interpreter)" \
+            else "eager"
+        lines += [f"## Scaling in n (B={sweep['batch']}, C={sweep['channels']}, forward + backward; {kind})", "",
                   "| variant | " + " | ".join(f"n={n}" for n in sorted({c['n'] for c in sweep['cases']})) + " | last slope |",
                   "|---|" + "---|" * (len({c['n'] for c in sweep['cases']}) + 1)]
         for name in sorted({c["variant"] for c in sweep["cases"]}):
-            row = [_ms(c) for c in sweep["cases"] if c["variant"] == name]
+            row = [f"{c['graph_forward_backward_ms']:.3g} ms ({_ms(c)})" if "graph_forward_backward_ms" in c else _ms(c)
+                   for c in sweep["cases"] if c["variant"] == name]
             slope = sweep["last_slope"].get(name)
             lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
                          f"| {name} | " + " | ".join(row) + " | — |")
