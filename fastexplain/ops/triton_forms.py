@@ -17,8 +17,8 @@ one elementwise kernel for ∂loss/∂s = −g_c·e^u p_t (u − v_b − Ḡ_t)/
 precision (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default) or the input is float64,
 else "pyramid" (never TF32 logits behind the user's back). Measured on an H200 (benchmarks/results/
 gpu_triton_nvidia-h200.md): gemm is the fastest form at n = 14, 28 and 56, pyramid the next, dense the slowest;
-beyond the sizes measured the product's O(n⁴) work must lose to the pyramid's O(n³), hence the pyramid from
-GEMM_MAX_N on. Under the CPU interpreter (tests): "dense" below LARGE_N, "pyramid" from there (tests force
+beyond the sizes measured the product's O(n⁴) work must lose to the pyramid's O(n³), hence the pyramid beyond
+GEMM_MAX_N. Under the CPU interpreter (tests): "dense" below LARGE_N, "pyramid" from there (tests force
 "gemm" explicitly).
 """
 from __future__ import annotations
