@@ -176,7 +176,7 @@ def test_filter_loss_kernels_stay_in_bounds(small_tiles):
     _, batch_mean, flags = triton_filter_loss._launch_settings(x)
     triton_filter_loss._forward_kernel[(2,)](
         x, batch_mean, lme, v, loss, 19, 2, 3, 5, 4.0, *x.stride(),
-        BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, CENTRE_IN_TILE=False, **flags)
+        BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, CENTRE_IN_TILE=False, FROM_LOGITS=False, **flags)
     assert _relative(loss, loss_expected) <= 1e-4
     for padded, inner in ((loss_pad, loss), (lme_pad, lme), (v_pad, v)):
         assert int((padded == 7.0).sum()) == padded.numel() - inner.numel()
@@ -186,7 +186,8 @@ def test_filter_loss_kernels_stay_in_bounds(small_tiles):
     gbar = torch.empty_like(lme)
     grad = torch.ones(2, device=DEVICE)
     triton_filter_loss._gbar_kernel[(2,)](x, batch_mean, lme, v, gbar, 19, 2, 3, 5, 4.0, *x.stride(),
-                                          BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, CENTRE_IN_TILE=False, **flags)
+                                          BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, CENTRE_IN_TILE=False,
+                                          FROM_LOGITS=False, **flags)
     triton_filter_loss._backward_kernel[(2, 1, 2)](
         x, batch_mean, lme, v, gbar, grad, dx, 19, 2, 3, 5, 4.0, *x.stride(), *dx.stride(),
         BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, BLOCK_I=16, CENTRE_IN_TILE=False, **flags)
@@ -321,8 +322,8 @@ _BUILD_SCRIPT = textwrap.dedent("""
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
     flags = dict(BLOCK_B=64, BLOCK_T=64, BLOCK_K=32, CENTRE_IN_TILE=True, IS_FP64=False, PRECISION="ieee")
-    build(loss._forward_kernel, {"x_ptr": "*bf16"}, dict(flags, H=1))
-    build(loss._forward_kernel, {}, dict(flags, CENTRE_IN_TILE=False))
+    build(loss._forward_kernel, {"x_ptr": "*bf16"}, dict(flags, H=1, FROM_LOGITS=False))
+    build(loss._forward_kernel, {}, dict(flags, CENTRE_IN_TILE=False, FROM_LOGITS=False))
     build(loss._forward_kernel, {}, dict(flags, FROM_LOGITS=True))
     build(loss._gbar_kernel, {name: "*fp64" for name in ("x_ptr", "xbar_ptr", "lme_ptr", "v_ptr", "gbar_ptr")},
           dict(flags, IS_FP64=True, FROM_LOGITS=True))

@@ -154,7 +154,7 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
                     stride_b, stride_c, stride_h, stride_w,
                     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                     CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-                    FROM_LOGITS: tl.constexpr = False):
+                    FROM_LOGITS: tl.constexpr):
     """One program per filter: lme_t (pass 1), then v_b and −MI (pass 2). docs/method.md §2, centred one-pass form.
 
     With the batch in one tile the two passes fuse: each logits tile is computed once.
@@ -232,7 +232,7 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
                  stride_b, stride_c, stride_h, stride_w,
                  BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                  CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-                 FROM_LOGITS: tl.constexpr = False):
+                 FROM_LOGITS: tl.constexpr):
     """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of docs/method.md §2's gradient."""
     c = tl.program_id(0)
     HW = H * W
@@ -349,7 +349,8 @@ def filter_loss_forward(x: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]
     v = x.new_empty((C, B), dtype=dtype)
     wrap_triton(_forward_kernel)[(C,)](
         x, batch_mean, lme, v, loss, B, C, H, W, beta, *x.stride(), BLOCK_B=tiles["BLOCK_B"],
-        BLOCK_T=tiles["BLOCK_T"], BLOCK_K=tiles["BLOCK_K"], CENTRE_IN_TILE=B <= tiles["BLOCK_B"], **flags)
+        BLOCK_T=tiles["BLOCK_T"], BLOCK_K=tiles["BLOCK_K"], CENTRE_IN_TILE=B <= tiles["BLOCK_B"], **flags,
+        FROM_LOGITS=False)
     return loss, lme, v
 
 
@@ -366,7 +367,8 @@ def filter_loss_backward(x: Tensor, lme: Tensor, v: Tensor, grad_loss: Tensor, b
     gbar = torch.empty_like(lme)
     wrap_triton(_gbar_kernel)[(C,)](
         x, batch_mean, lme, v, gbar, B, C, H, W, beta, *x.stride(), BLOCK_B=tiles["BLOCK_B"],
-        BLOCK_T=tiles["BLOCK_T"], BLOCK_K=tiles["BLOCK_K"], CENTRE_IN_TILE=B <= tiles["BLOCK_B"], **flags)
+        BLOCK_T=tiles["BLOCK_T"], BLOCK_K=tiles["BLOCK_K"], CENTRE_IN_TILE=B <= tiles["BLOCK_B"], **flags,
+        FROM_LOGITS=False)
     dx = torch.empty_like(x)
     grid = (C, triton.cdiv(H * W, tiles["BLOCK_I"]), triton.cdiv(B, tiles["BACKWARD_B"]))
     wrap_triton(_backward_kernel)[grid](
