@@ -243,13 +243,10 @@ def time_shape(shape: tuple[int, ...], device: str, bench: Bench, variants: dict
     if bench.left():
         mask = _timings(bench, lambda t: triton_mask.triton_template_mask(t, BETA, "argmax", None, True), signed)
         mask["x_copy"] = mask["forward_backward_ms"] / copy_ms
-        if bench.device == "cuda":
+        if "graph_forward_backward_ms" in mask:
             mask["graph_copy_ms"] = bench(_graphed(lambda: signed.clone()))
-        result["mask_relu_triton"] = mask
-    if isinstance(result.get("mask_relu_triton"), dict) and "graph_forward_backward_ms" in result["mask_relu_triton"]:
-        mask = result["mask_relu_triton"]
-        if "graph_copy_ms" in mask:
             mask["graph_x_copy"] = mask["graph_forward_backward_ms"] / mask["graph_copy_ms"]
+        result["mask_relu_triton"] = mask
     for name in variants:
         entry = result[name]
         for kind in ("", "graph_"):

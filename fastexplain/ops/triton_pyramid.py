@@ -19,8 +19,8 @@ of O(HW²) = O(n⁴).
 
 P is a linear map and its kernel is symmetric, so its adjoint is itself: the op ``pyramid_correlate``
 is its own backward. ``pyramid_logits`` builds the logits [C, B, HW+1] from it; ``triton_forms`` runs the
-fused MI kernels on them (the "pyramid" form, chosen for maps with max(H, W) ≥ ``triton_forms.LARGE_N``,
-where the dense product's n⁴ dominates). Autograd carries ∂MI/∂s back through the correlation.
+fused MI kernels on them (the "pyramid" form, chosen for large maps, where a dense template product's n⁴
+dominates: see ``triton_forms.chosen_form``). Autograd carries ∂MI/∂s back through the correlation.
 """
 from __future__ import annotations
 
