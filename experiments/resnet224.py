@@ -9,7 +9,8 @@
    (the outside check uses ``fit --epochs 6``) for every seed in ``--seeds`` and every variant in
    ``--variants`` (JSON: name → ExplainerConfig overrides, plus ``part_lr_scale`` for TrainConfig).
 3. Evaluates each on held-out images with ``fastexplain.evaluate`` and prints one line per fit; writes
-   ``results.json`` and each fit's report folder under ``--out``.
+   ``results.json`` and each fit's report folder under ``--out``. ``--parallel K`` runs K fits at once
+   (spawned worker processes sharing the GPU; the CPU-bound evaluation is most of a fit's time).
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def render(jobs: dict[str, tuple[int, int, str]], workers: int) -> dict[str, Par
         return dict(zip(jobs, pool.map(_world, jobs.values())))
 
 
-def train_resnet(images: torch.Tensor, labels: torch.Tensor, test: PartWorld, epochs: int, device: str) -> tuple[nn.Module, float]:
-    """resnet18 from random init, Adam + one-cycle, bf16 autocast on CUDA; returns it and its test accuracy."""
-    torch.manual_seed(0)
+def train_resnet(images: torch.Tensor, labels: torch.Tensor, test: PartWorld, epochs: int, device: str,
+                 seed: int = 0) -> tuple[nn.Module, float]:
+    """resnet18 from random init (``seed``), Adam + one-cycle, bf16 autocast on CUDA; returns it and its test accuracy."""
+    torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=5).to(device).to(memory_format=torch.channels_last)
     batch = 64
     steps = math.ceil(len(images) / batch)
@@ -74,6 +76,24 @@ def train_resnet(images: torch.Tensor, labels: torch.Tensor, test: PartWorld, ep
     return model.float().cpu(), float((predictions.cpu() == test.labels).float().mean())
 
 
+def fit_and_evaluate(job: tuple) -> dict[str, object]:
+    """One variant and seed: ``fit`` with its overrides, then ``evaluate`` on the held-out images (runs in a
+    worker process, so that several fits share the GPU)."""
+    name, overrides, seed, world, val, weights, out, fit_epochs, device, threads, performer_tag = job
+    torch.set_num_threads(threads)
+    train_options = {k: overrides.pop(k) for k in ("part_lr_scale", "refine_epochs", "epochs") if k in overrides}
+    performer = Performer.from_torchvision("resnet18", "layer3", weights=weights, num_classes=5)
+    run_dir = out / f"{name}_s{seed}{performer_tag}"
+    config = TrainConfig(**{"epochs": fit_epochs, "seed": seed, "device": device, **train_options})
+    tick = time.monotonic()
+    fit(performer, world, run_dir, config, overrides, progress=False)
+    fit_s = time.monotonic() - tick
+    explainer = explainer_from_state(load_checkpoint(run_dir / "checkpoint.pt"))
+    metrics = evaluate(performer, explainer, evaluation_data(val), run_dir, progress=False, device=device)
+    return {"variant": name, "seed": seed, "performer_seed": performer_tag, "fit_s": fit_s, "performer": metrics["performer"],
+            "explainer": metrics["explainer"], "targets": metrics["targets"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -83,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit-epochs", type=int, default=6)
     parser.add_argument("--val-images", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--performer-seeds", type=int, nargs="+", default=[0], help="one resnet18 per seed")
     parser.add_argument("--variants", type=json.loads, default={"defaults": {}})
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which no new fit starts")
+    parser.add_argument("--parallel", type=int, default=1, help="fits at once (worker processes sharing the GPU)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,36 +121,39 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.cat([worlds[f"train{k}"].labels for k in range(args.workers)])
     test, val = worlds["test"], worlds["val"]
     print(f"data rendered in {time.monotonic() - started:.0f} s", flush=True)
-    model, accuracy = train_resnet(images, labels, test, args.perf_epochs, device)
-    weights = args.out / "resnet18_pw224.pth"
-    torch.save(model.state_dict(), weights)
-    print(f"resnet18 trained: test accuracy {accuracy:.3f} at {time.monotonic() - started:.0f} s", flush=True)
-    results: dict[str, object] = {"performer_accuracy": accuracy, "device": device, "runs": []}
-    for seed in args.seeds:
-        world = worlds[f"fit{seed}"]
-        for name, overrides in args.variants.items():
+    results: dict[str, object] = {"performer_accuracy": {}, "device": device, "runs": []}
+    jobs_to_run = []
+    for performer_seed in args.performer_seeds:
+        model, accuracy = train_resnet(images, labels, test, args.perf_epochs, device, performer_seed)
+        weights = args.out / f"resnet18_pw224_p{performer_seed}.pth"
+        torch.save(model.state_dict(), weights)
+        results["performer_accuracy"][performer_seed] = accuracy  # type: ignore[index]
+        print(f"resnet18 (seed {performer_seed}) trained: test accuracy {accuracy:.3f} at "
+              f"{time.monotonic() - started:.0f} s", flush=True)
+        tag = "" if performer_seed == 0 else f"_p{performer_seed}"
+        jobs_to_run += [(name, dict(overrides), seed, worlds[f"fit{seed}"], val, str(weights), args.out, args.fit_epochs,
+                         device, max(1, 16 // args.parallel), tag)
+                        for seed in args.seeds for name, overrides in args.variants.items()]
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.parallel, mp_context=context) as pool:
+        pending = []
+        for job in jobs_to_run:
+            pending.append(pool.submit(fit_and_evaluate, job))
+        for future in pending:
             if time.monotonic() - started > args.budget:
-                print(f"budget spent: {name} seed {seed} not run", flush=True)
+                future.cancel()
+            try:
+                row = future.result()
+            except Exception as error:  # noqa: BLE001 - one failed variant must not lose the others
+                print(f"fit failed: {type(error).__name__}: {error}", flush=True)
                 continue
-            overrides = dict(overrides)
-            train_options = {k: overrides.pop(k) for k in ("part_lr_scale",) if k in overrides}
-            performer = Performer.from_torchvision("resnet18", "layer3", weights=str(weights), num_classes=5)
-            run_dir = args.out / f"{name}_s{seed}"
-            config = TrainConfig(epochs=args.fit_epochs, seed=seed, device=device, **train_options)
-            tick = time.monotonic()
-            fit(performer, world, run_dir, config, overrides, progress=False)
-            fit_s = time.monotonic() - tick
-            explainer = explainer_from_state(load_checkpoint(run_dir / "checkpoint.pt"))
-            metrics = evaluate(performer, explainer, evaluation_data(val), run_dir, progress=False, device=device)
-            p, e = metrics["performer"], metrics["explainer"]
-            row = {"variant": name, "seed": seed, "fit_s": fit_s, "performer": p, "explainer": e,
-                   "targets": metrics["targets"]}
             results["runs"].append(row)  # type: ignore[union-attr]
-            print(f"{name} s{seed}: LI {e['location_instability'] / p['location_instability']:.2f}x "
+            p, e = row["performer"], row["explainer"]
+            print(f"{row['variant']} s{row['seed']}{row['performer_seed']}: LI {e['location_instability'] / p['location_instability']:.2f}x "
                   f"PI {e['part_interpretability'] / p['part_interpretability']:.2f}x "
                   f"col {e['colocation']:.3f} (perf {p['colocation']:.3f}) groups {e['colocation_groups']} "
                   f"parts {e['parts_covered']} p {e['p']:.3f} agr {e.get('agreement', float('nan')):.3f} "
-                  f"rec {e['reconstruction_error']:.3f} fit {fit_s:.0f}s", flush=True)
+                  f"rec {e['reconstruction_error']:.3f} fit {row['fit_s']:.0f}s", flush=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(f"done in {time.monotonic() - started:.0f} s", flush=True)
     return 0

@@ -148,6 +148,7 @@ class Collected:
     stream: dict[str, float] = field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
     labels_usable: bool = True  #: False when a label is not one of the performer's class indices
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  #: where the networks ran
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def collect(performer: Any, explainer: Any, data: EvaluationData, batch_size: in
     device = torch.device(device) if device is not None else next(performer.model.parameters()).device
     performer.to(device)
     explainer.to(device).eval()
-    spools = Collected(MapSpool(memory_limit), MapSpool(memory_limit), MapSpool(memory_limit))
+    spools = Collected(MapSpool(memory_limit), MapSpool(memory_limit), MapSpool(memory_limit), device=device)
     meter, correct, correct_through, labelled = ReconstructionMeter(), 0, 0, 0
     bar = tqdm(total=data.size, desc="evaluating", unit="img", disable=not progress, leave=False)
     for start in range(0, data.size, batch_size):
@@ -190,9 +191,10 @@ def collect(performer: Any, explainer: Any, data: EvaluationData, batch_size: in
 
 
 def _layer_metrics(maps: MapSpool, data: EvaluationData, image_size: tuple[int, int],
-                   centres: Any) -> tuple[dict[str, Any], Any, Any, Any]:
+                   centres: Any, device: torch.device | None = None) -> tuple[dict[str, Any], Any, Any, Any]:
     """The summary dict of one layer's filters, with the LocationInstability, PartInterpretability and
-    PartDiversity objects (the first two None when the data lack what they need)."""
+    PartDiversity objects (the first two None when the data lack what they need); part interpretability's
+    upsampling runs on ``device`` (the evaluation's)."""
     instability = interpretability = None
     summary: dict[str, Any] = {}
     if data.keypoints is not None:
@@ -200,7 +202,7 @@ def _layer_metrics(maps: MapSpool, data: EvaluationData, image_size: tuple[int, 
         summary.update(location_instability=instability.value, silent_filters=instability.silent_filters,
                        centers_method=instability.centers_method, centers_reason=instability.centers_reason)
     if data.has_masks():
-        interpretability = part_interpretability(maps, data.part_masks)
+        interpretability = part_interpretability(maps, data.part_masks, device=device)
         summary["part_interpretability"] = interpretability.value
     diversity = part_diversity(maps, part_hit_rate=None if interpretability is None else interpretability.hit_rate)
     figures = diversity.summary()
@@ -264,13 +266,14 @@ def evaluate(performer: Any, explainer: Any, data: EvaluationData, out_dir: str 
     try:
         size = collected.image_size
         centres = cell_centers(performer.model, performer.layer, size, tuple(collected.performer.map_size))
+        where = collected.device
         performer_summary, performer_li, performer_pi, performer_div = _layer_metrics(collected.performer, data, size,
-                                                                                      centres)
+                                                                                      centres, where)
         explainer_summary, explainer_li, explainer_pi, explainer_div = _layer_metrics(collected.explainer, data, size,
-                                                                                      centres)
+                                                                                      centres, where)
         if data.has_masks():
-            explainer_summary["part_interpretability_pre_mask"] = part_interpretability(collected.pre_mask,
-                                                                                        data.part_masks).value
+            explainer_summary["part_interpretability_pre_mask"] = part_interpretability(
+                collected.pre_mask, data.part_masks, device=where).value
         stream = collected.stream
         performer_summary["layer"] = performer.layer
         explainer_summary.update(p=stream["p"], reconstruction_error=stream["reconstruction_error"])

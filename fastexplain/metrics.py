@@ -162,7 +162,7 @@ class PartInterpretability:
 
 def part_interpretability(maps: MapSource, part_masks: Tensor | Callable[[int, int], Tensor],
                           top_fraction: float = 0.005, iou_threshold: float = 0.2,
-                          chunk_size: int = 32) -> PartInterpretability:
+                          chunk_size: int = 32, device: torch.device | str | None = None) -> PartInterpretability:
     """Part interpretability (docs/method.md §5, after Bau et al.): top-0.5% regions vs part masks.
 
     T_f is the top-``top_fraction`` quantile of filter f's activations over all cells and images (on
@@ -170,9 +170,12 @@ def part_interpretability(maps: MapSource, part_masks: Tensor | Callable[[int, i
     cell centres land proportionally) and the region is ``{up ≥ T_f and up > 0}``. For each image,
     IoU of the region with part k's mask; a hit when IoU > ``iou_threshold``. The hit rate of part k
     counts images where part k's mask is non-empty. P_f = max_k hit rate; the value is mean_f P_f.
-    ``part_masks`` is bool [N,K,H,W] or a callable ``(start, stop) -> [stop-start, K, H, W]``.
+    ``part_masks`` is bool [N,K,H,W] or a callable ``(start, stop) -> [stop-start, K, H, W]``. With ``device``,
+    the upsampling and overlaps run there chunk by chunk (the metric's cost: N·F upsampled maps), counts come back.
     """
     thresholds = activation_thresholds(maps, top_fraction)
+    where = thresholds.device if device is None else torch.device(device)
+    limits = thresholds.to(where)
     hits: Tensor | None = None
     present: Tensor | None = None
     start = 0
@@ -182,16 +185,17 @@ def part_interpretability(maps: MapSource, part_masks: Tensor | Callable[[int, i
         if masks.shape[0] != n:
             raise ValueError(f"part_masks has {masks.shape[0]} images for map images {start}..{start + n}")
         height, width = masks.shape[-2:]
-        up = F.interpolate(chunk.detach().float(), size=(height, width), mode="bilinear", align_corners=False)
-        region = ((up >= thresholds.view(1, -1, 1, 1)) & (up > 0)).flatten(2).float()  # [n, F, P]
+        masks = masks.to(where)
+        up = F.interpolate(chunk.detach().to(where).float(), size=(height, width), mode="bilinear", align_corners=False)
+        region = ((up >= limits.view(1, -1, 1, 1)) & (up > 0)).flatten(2).float()  # [n, F, P]
         mask_flat = masks.flatten(2).float()  # [n, K, P]
         inter = torch.bmm(region, mask_flat.transpose(1, 2))  # [n, F, K]
         union = region.sum(2, keepdim=True) + mask_flat.sum(2).unsqueeze(1) - inter
         iou = inter / union.clamp(min=1)
         exists = mask_flat.sum(2) > 0  # [n, K]
-        chunk_hits = ((iou > iou_threshold) & exists.unsqueeze(1)).sum(0)
+        chunk_hits = ((iou > iou_threshold) & exists.unsqueeze(1)).sum(0).cpu()
         hits = chunk_hits if hits is None else hits + chunk_hits
-        present = exists.sum(0) if present is None else present + exists.sum(0)
+        present = exists.sum(0).cpu() if present is None else present + exists.sum(0).cpu()
         start += n
     assert hits is not None and present is not None
     hit_rate = hits.double() / present.double().unsqueeze(0)  # nan where a part never appears

@@ -62,9 +62,10 @@ def template_priors(H: int, W: int, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> Tensor:
     """Priors [p(T⁻), p(T_μ₀), …]: 1 − α for the negative template, α / HW for each positive one."""
     alpha = template_alpha(H, W)
-    priors = torch.full((H * W + 1,), alpha / (H * W), dtype=dtype or torch.get_default_dtype(), device=device)
-    priors[0] = 1.0 - alpha
-    return priors
+    dtype = dtype or torch.get_default_dtype()
+    # built by concatenation, not ``priors[0] = …`` (a host-to-device copy that CUDA-graph capture rejects)
+    return torch.cat([torch.full((1,), 1.0 - alpha, dtype=dtype, device=device),
+                      torch.full((H * W,), alpha / (H * W), dtype=dtype, device=device)])
 
 
 def template_entropy(H: int, W: int) -> float:

@@ -67,16 +67,20 @@ def test_part_filters_get_their_own_learning_rate() -> None:
     optimizer = make_optimizer(explainer, TrainConfig(lr=1e-3, part_lr_scale=0.1, gate_lr_scale=10.0))
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups) == len(list(explainer.parameters()))
-    # lr × min(1, part_lr_scale × 64 / fan-in channels): 4 input channels here, so capped at lr
+    # lr × min(1, part_lr_scale × √(64 / fan-in channels)): 4 input channels here, 0.1 × 4
     for p in [*explainer.interpretable1.parameters(), *explainer.interpretable2.parameters()]:
-        assert lr_of[id(p)] == pytest.approx(1e-3)
+        assert lr_of[id(p)] == pytest.approx(1e-3 * 0.4)
+    narrow = Explainer(ExplainerConfig(in_channels=1, parts=1))  # 0.3 × √64 > 1: capped at lr
+    lr_narrow = {id(p): g["lr"] for g in make_optimizer(narrow, TrainConfig(part_lr_scale=0.3)).param_groups
+                 for p in g["params"]}
+    assert lr_narrow[id(narrow.interpretable1.conv.weight)] == pytest.approx(1e-3)
     assert lr_of[id(explainer.gate_logit)] == pytest.approx(1e-2)
     assert lr_of[id(explainer.decoder1.weight)] == pytest.approx(1e-3)
     wide = Explainer(ExplainerConfig(in_channels=128, parts=8))
     lr_wide = {id(p): g["lr"] for g in make_optimizer(wide, TrainConfig(part_lr_scale=0.1)).param_groups
                for p in g["params"]}
-    assert lr_wide[id(wide.interpretable1.conv.weight)] == pytest.approx(1e-3 * 0.1 * 64 / 128)
-    assert lr_wide[id(wide.interpretable2.conv.weight)] == pytest.approx(1e-3 * 0.1 * 64 / 8)
+    assert lr_wide[id(wide.interpretable1.conv.weight)] == pytest.approx(1e-3 * 0.1 * (64 / 128) ** 0.5)
+    assert lr_wide[id(wide.interpretable2.conv.weight)] == pytest.approx(1e-3 * 0.1 * (64 / 8) ** 0.5)
 
 
 def test_bad_recipe_options_are_one_line_errors() -> None:

@@ -108,6 +108,10 @@ def test_streamed_chunks_equal_the_whole_tensor() -> None:
     whole = part_interpretability(maps, masks, chunk_size=40)
     streamed = part_interpretability(chunks, masks)
     assert torch.equal(whole.hit_rate, streamed.hit_rate)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:  # the upsampling on the evaluation's device: the same counts, on the CPU
+        elsewhere = part_interpretability(chunks, masks, device=device)
+        assert elsewhere.hit_rate.device.type == "cpu" and torch.equal(whole.hit_rate, elsewhere.hit_rate)
     assert torch.equal(activation_thresholds(maps), torch.quantile(maps.permute(1, 0, 2, 3).reshape(4, -1), 1 - 0.005, dim=1,
                                                                     interpolation="higher"))
     li = location_instability(maps, keypoints, visible, (24, 24), centers=proportional_centers((6, 6), 24), chunk_size=9)

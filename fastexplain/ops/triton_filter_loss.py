@@ -26,8 +26,6 @@ arguments, so float32 matches the float64 reference to ~1e-6 relative like refer
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -80,7 +78,12 @@ def _entropy_term(u):
 
 @triton.constexpr_function
 def _factorial(k):
-    return float(math.factorial(k))
+    """k! as a float at compile time; builtins only (torch.compile's inductor copies this source into a module
+    of its own that imports nothing but triton)."""
+    product = 1.0
+    for factor in range(2, k + 1):
+        product *= factor
+    return product
 
 
 # ------------------------------------------------------------------------------------- tile builders
@@ -159,6 +162,8 @@ def _forward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, loss_ptr, B, C, H, W, beta,
 
     With the batch in one tile the two passes fuse: each logits tile is computed once.
     """
+    # torch.compile (inductor) passes a Python float argument as fp64: β in the compute dtype, as eager launches give it
+    beta = tl.cast(beta, tl.float64 if IS_FP64 else tl.float32)
     c = tl.program_id(0)
     HW = H * W
     T = HW + 1
@@ -234,6 +239,8 @@ def _gbar_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, B, C, H, W, beta,
                  CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
                  FROM_LOGITS: tl.constexpr):
     """Ḡ_t = mean_b e^{u[b,t]} (u[b,t] − v_b) per filter: Σ_b q g = p_t·Ḡ_t of docs/method.md §2's gradient."""
+    # torch.compile (inductor) passes a Python float argument as fp64: β in the compute dtype, as eager launches give it
+    beta = tl.cast(beta, tl.float64 if IS_FP64 else tl.float32)
     c = tl.program_id(0)
     HW = H * W
     T = HW + 1
@@ -261,6 +268,8 @@ def _backward_kernel(x_ptr, xbar_ptr, lme_ptr, v_ptr, gbar_ptr, grad_ptr, dx_ptr
                      BLOCK_I: tl.constexpr, CENTRE_IN_TILE: tl.constexpr, IS_FP64: tl.constexpr,
                      PRECISION: tl.constexpr):
     """dx[b, c, i] = −grad_c Σ_t e^u p_t (u − v_b − Ḡ_t)/B · T_t(i) for one (filter, position tile, image tile)."""
+    # torch.compile (inductor) passes a Python float argument as fp64: β in the compute dtype, as eager launches give it
+    beta = tl.cast(beta, tl.float64 if IS_FP64 else tl.float32)
     c = tl.program_id(0)
     i0 = tl.program_id(1) * BLOCK_I
     b0 = tl.program_id(2) * BLOCK_B

@@ -68,6 +68,8 @@ def _mask_forward_kernel(x_ptr, y_ptr, peak_ptr, maps, C, H, W, beta,
                          CENTROID: tl.constexpr, SCALE_TAU: tl.constexpr, IS_FP64: tl.constexpr,
                          PEAK_GIVEN: tl.constexpr):
     """y = max(relu?(x)·m, 0) for ROWS maps × BLOCK_HW positions; stores μ̂ unless PEAK_GIVEN."""
+    # torch.compile (inductor) passes a Python float argument as fp64: β in the compute dtype, as eager launches give it
+    beta = tl.cast(beta, tl.float64 if IS_FP64 else tl.float32)
     dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pos = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -107,6 +109,8 @@ def _mask_backward_kernel(grad_ptr, y_ptr, peak_ptr, dx_ptr, maps, C, H, W, beta
                           ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, SCALE_TAU: tl.constexpr,
                           IS_FP64: tl.constexpr):
     """dx = dy · m · 1[y > 0]: the mask is a constant rebuilt from μ̂ (docs/method.md §3)."""
+    # torch.compile (inductor) passes a Python float argument as fp64: β in the compute dtype, as eager launches give it
+    beta = tl.cast(beta, tl.float64 if IS_FP64 else tl.float32)
     dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pos = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)

@@ -93,7 +93,7 @@ def _pyramid_kernel(src_ptr, out_ptr, f_ptr, rows, D1, H, W, offsets, pad,
 
 
 def _pyramid_fake(maps: Tensor, radius: float) -> Tensor:
-    return maps.new_empty(maps.shape, memory_format=torch.contiguous_format)
+    return torch.empty(maps.shape, dtype=maps.dtype, device=maps.device)  # contiguous, as the kernel's output
 
 
 def pyramid_work(H: int, W: int, radius: float) -> int:
