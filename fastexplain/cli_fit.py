@@ -175,7 +175,8 @@ def add_fit_and_explain(commands: argparse._SubParsersAction,
                      help="dotted named_modules path of the explained layer, e.g. features.29")
     fit.add_argument("--target-layer", default=None, help="layer to reconstruct (default: --layer)")
     fit.add_argument("--weights", default=None, help="local state_dict file for the model (default: random init)")
-    fit.add_argument("--num-classes", type=int, default=1000, help="classifier width of the model (default 1000)")
+    fit.add_argument("--num-classes", type=int, default=None,
+                     help="classifier width of the model (default: read from --weights; 1000 without weights)")
     fit.add_argument("--data", required=True, help="image folder (labels ignored) or a dataset name such as partworld")
     fit.add_argument("--image-size", type=int, default=224, help="images are resized/cropped to N×N (default 224)")
     fit.add_argument("--out", required=True, help="output directory; OUT/checkpoint.pt is written every epoch")

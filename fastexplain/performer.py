@@ -166,21 +166,37 @@ class Performer(nn.Module):
 
     @classmethod
     def from_torchvision(cls, name: str, layer: str, target_layer: str | None = None, *,
-                         weights: str | Path | None = None, num_classes: int = 1000,
+                         weights: str | Path | None = None, num_classes: int | None = None,
                          head: str | None = "auto", init_seed: int = 0) -> "Performer":
         """A torchvision classification model by name: random init seeded by ``init_seed`` (so that a
-        checkpoint rebuilds the same performer), or ``weights``, a local state_dict file."""
+        checkpoint rebuilds the same performer), or ``weights``, a local state_dict file. ``num_classes``
+        None: the classifier width of ``weights`` (e.g. 200 for a CUB model), 1000 without weights."""
         import torchvision
 
         available = sorted(torchvision.models.list_models(module=torchvision.models))
         if name not in available:
             raise ValueError(f"unknown torchvision classification model {name!r}; closest: "
                              f"{_closest_names(name, available)}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        if weights is not None:
-            model.load_state_dict(load_state_dict_file(weights))
+
+        def build(classes: int) -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                return torchvision.models.get_model(name, weights=None, num_classes=classes)
+
+        state = None if weights is None else load_state_dict_file(weights)
+        model = build(1000 if num_classes is None else num_classes)
+        if state is not None and num_classes is None:
+            width = classifier_width(model, state)
+            if width is not None and width != 1000:
+                model = build(width)
+        num_classes = _classifier_out(model)[1] if num_classes is None else num_classes
+        if state is not None:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as error:
+                detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+                raise ValueError(f"weights {str(weights)!r} do not fit torchvision {name} with {num_classes} classes: "
+                                 f"{detail}") from None
         spec = PerformerSpec(model=name, layer=layer, target_layer=target_layer or layer,
                              weights=None if weights is None else str(Path(weights).resolve()),
                              num_classes=num_classes, head=head, init_seed=init_seed)
@@ -341,6 +357,22 @@ def check_same_performer(saved: dict[str, Any] | None, current: dict[str, Any], 
     fix = f"{subject} or a new output directory" if action == "resume" else f"{subject} the explainer was trained on"
     what = f"the {subject} differs"
     raise ValueError(f"cannot {action}: {what} from the checkpoint's ({details}); use the same {fix}")
+
+
+def _classifier_out(model: nn.Module) -> tuple[str, int]:
+    """(name, width) of the model's classifier: its last Linear module (its last Conv2d, as in SqueezeNet,
+    when it has none)."""
+    linears = [(name, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    convs = [(name, m.out_channels) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return (linears or convs or [("", 1000)])[-1]
+
+
+def classifier_width(model: nn.Module, state: dict[str, Tensor]) -> int | None:
+    """The number of classes ``state`` was trained for: the first dimension of its weight for the model's
+    classifier (None when the state_dict has no such entry)."""
+    name, _ = _classifier_out(model)
+    weight = state.get(f"{name}.weight")
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() >= 1 else None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

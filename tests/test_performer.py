@@ -109,6 +109,22 @@ def test_local_weights_are_loaded(tmp_path) -> None:
     assert loaded.spec.weights == str(path.resolve())
 
 
+def test_the_classifier_width_is_read_from_the_weights(tmp_path) -> None:
+    """`fit --weights W` without --num-classes on a 200-class (CUB) or 3-class model: the width comes from W;
+    the performer's head then gives that many logits, and the spec records it for the checkpoint."""
+    for name, layer in (("resnet18", "layer3"), ("squeezenet1_0", "features.3")):  # a Linear, a Conv2d classifier
+        source = Performer.from_torchvision(name, layer, num_classes=3, head="hook")
+        path = tmp_path / f"{name}.pt"
+        torch.save(source.model.state_dict(), path)
+        loaded = Performer.from_torchvision(name, layer, weights=path, head="hook")
+        assert loaded.spec.num_classes == 3
+        assert loaded.features(torch.rand(1, 3, 64, 64)).logits.shape == (1, 3)
+        assert Performer.from_spec(loaded.spec).spec.num_classes == 3
+    assert Performer.from_torchvision("resnet18", "layer3").spec.num_classes == 1000
+    with pytest.raises(ValueError, match=r"do not fit torchvision resnet18 with 10 classes: size mismatch for fc\.weight"):
+        Performer.from_torchvision("resnet18", "layer3", weights=tmp_path / "resnet18.pt", num_classes=10)
+
+
 def test_a_non_map_layer_is_a_clear_error() -> None:
     performer = Performer(_tiny_net(), "7")
     with pytest.raises(ValueError, match="not a \\[B, C, H, W\\] feature map"):
