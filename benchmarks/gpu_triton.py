@@ -286,8 +286,8 @@ def scaling(device: str, bench: Bench, sweep: tuple) -> dict[str, object]:
     return {"batch": B, "channels": C, "cases": cases, "last_slope": slopes}
 
 
-MI_SWEEP = ({}, {"BLOCK_T": 32}, {"num_warps": 8}, {"BLOCK_T": 32, "num_warps": 8}, {"BLOCK_B": 32, "BLOCK_T": 32},
-            {"BLOCK_T": 128, "num_warps": 8})
+MI_SWEEP = ({}, {"SPLIT": 1}, {"SPLIT": 1, "BLOCK_T": 32}, {"SPLIT": 1, "BLOCK_T": 16}, {"BLOCK_T": 32},
+            {"num_warps": 8}, {"BLOCK_T": 32, "num_warps": 8}, {"BLOCK_B": 32, "BLOCK_T": 32}, {"BLOCK_T": 128, "num_warps": 8})
 
 
 def sweep_mi(shape: tuple[int, ...], device: str, bench: Bench, launches: tuple = MI_SWEEP) -> list[dict]:

@@ -425,9 +425,15 @@ def test_triton_filter_loss_fuzz(index: int) -> None:
     if case.bad is not None:
         expect_value_error(case, lambda: run(x))
         return
-    for form in triton_forms.FORMS:  # dense (template tiles), gemm and pyramid (materialised logits)
-        with triton_forms.use_form(form):
-            loss, grad = _loss_and_grad(run, x, _weights(case))
+    # dense (template tiles), gemm and pyramid (materialised logits), and gemm with the MI forward split over
+    # template tiles of 8 (batch tiles of 8)
+    for form, launch in [(form, {}) for form in triton_forms.FORMS] + [("gemm", {"SPLIT": 1, "BLOCK_B": 8, "BLOCK_T": 8})]:
+        triton_forms.MI_LAUNCH.update(launch)
+        try:
+            with triton_forms.use_form(form):
+                loss, grad = _loss_and_grad(run, x, _weights(case))
+        finally:
+            triton_forms.MI_LAUNCH.clear()
         check_loss_and_grad(case, x.cpu(), loss.cpu(), grad.cpu(), float64_loss_tol=1e-9, float64_grad_tol=1e-7)
 
 

@@ -74,6 +74,9 @@ _BUILD_SCRIPT = textwrap.dedent("""
     build(loss._gbar_kernel, {name: "*fp64" for name in ("x_ptr", "xbar_ptr", "lme_ptr", "v_ptr", "gbar_ptr")},
           dict(flags, IS_FP64=True, FROM_LOGITS=True))
     build(forms._dlogits_kernel, {}, dict(BLOCK_B=32, BLOCK_T=64, IS_FP64=False))
+    build(forms._mi_partials_kernel, {}, dict(BLOCK_B=64, BLOCK_T=32, IS_FP64=False))
+    build(forms._mi_combine_kernel, {name: "*fp64" for name in ("centre_ptr", "mixture_ptr", "conditional_ptr",
+          "v_ptr", "loss_ptr")}, dict(BLOCK_B=64, BLOCK_T=32, IS_FP64=True))
     build(loss._backward_kernel, {"x_ptr": "*fp16", "dx_ptr": "*fp16"}, dict(flags, BLOCK_B=16, BLOCK_I=1024))
     build(mask._mask_forward_kernel, {"peak_ptr": "*i32"}, dict(ROWS=16, BLOCK_HW=256, RELU=True,
           CENTROID=True, SCALE_TAU=True, IS_FP64=False, PEAK_GIVEN=False))

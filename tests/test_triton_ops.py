@@ -399,6 +399,37 @@ def test_mi_launch_overrides_keep_the_result(monkeypatch, launch):
                                    rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("case", ["plain", "saturated"])
+def test_mi_forward_split_over_template_tiles_matches_the_reference(monkeypatch, case):
+    """MI_LAUNCH["SPLIT"]: partials per (filter, template tile) and a combine kernel. Ragged template and batch
+    tiles (T = 21 in tiles of 8, B = 19 in tiles of 8); "saturated": large maps with one blank image, whose
+    u = s − lme lies far below −1 in some tiles only, so the tiles' centres differ and the combine rescales."""
+    monkeypatch.setattr(triton_forms, "MI_LAUNCH", {"SPLIT": 1, "BLOCK_B": 8, "BLOCK_T": 8})
+    x = _maps((19, 3, 4, 5), scale=2.0, seed=21)
+    if case == "saturated":
+        x = x * 40.0
+        x[0] = 0.0
+        x[1, :, :2] = 0.0
+    weights = torch.rand(3, dtype=torch.float64) + 0.5
+    fn = lambda t, b: filter_loss(t, beta=b, reduction="none", backend="triton")  # noqa: E731
+    with triton_forms.use_form("gemm"):
+        torch.testing.assert_close(fn(x, 4.0), reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(_grad(fn, x, weights), _grad(reference.filter_loss_per_filter, x, weights),
+                                   rtol=1e-9, atol=1e-13)
+        single = x.float()
+        error = _relative(fn(single, 4.0), reference.filter_loss_per_filter(x, 4.0))
+    assert error < 1e-5, error
+    logits = triton_forms.gemm_logits(x, 4.0)
+    _, lme, v = triton_forms.logits_mi_forward(logits)
+    monkeypatch.setattr(triton_forms, "MI_LAUNCH", {})
+    _, lme_serial, v_serial = triton_forms.logits_mi_forward(logits)
+    torch.testing.assert_close(lme, lme_serial, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v, v_serial, rtol=1e-12, atol=1e-14)
+    if case == "saturated":  # the branch under test was reached: some image has max_t u < −1
+        u = logits.transpose(0, 1) - lme_serial[:, None, :]
+        assert bool((u.amax(dim=2) < -1.0).any())
+
+
 def test_auto_form_uses_the_matrix_product_only_in_full_precision():
     """On CUDA "auto" takes the gemm form up to GEMM_MAX_N, unless float32 matrix products may run in TF32;
     the pyramid form otherwise. The interpreter keeps dense below LARGE_N (its kernels are the ones tested)."""

@@ -35,11 +35,14 @@ from torch.library import wrap_triton
 from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 from . import triton_filter_loss as dense
+from .triton_filter_loss import _SAFE_SPREAD, _entropy_term, _expm1, _log1p
 from .triton_pyramid import pyramid_logits
 from ..templates import part_templates
 
 #: launch overrides of the FROM_LOGITS forward and Ḡ kernels ("BLOCK_B", "BLOCK_T", "num_warps"; empty: the dense
-#: form's tiles, 4 warps). Untuned on a GPU: ``benchmarks/gpu_triton.py`` times alternatives (its MI sweep).
+#: form's tiles, 4 warps), and "SPLIT": 1 for the forward split over template tiles (``_mi_partials_kernel`` +
+#: ``_mi_combine_kernel``: C·⌈T/BLOCK_T⌉ programs instead of C). Untuned on a GPU: ``benchmarks/gpu_triton.py``
+#: times alternatives (its MI sweep); SPLIT is tested under the interpreter, not yet timed on a GPU.
 MI_LAUNCH: dict[str, int] = {}
 FORMS = ("dense", "gemm", "pyramid")
 FORM = "auto"
@@ -71,6 +74,94 @@ def _dlogits_kernel(s_ptr, lme_ptr, v_ptr, gbar_ptr, grad_ptr, ds_ptr, B, C, T,
     tl.store(ds_ptr + offsets, ds, mask=inside)
 
 
+@triton.jit
+def _mi_partials_kernel(s_ptr, lme_ptr, centre_ptr, mixture_ptr, conditional_ptr, B, T, NT,
+                        stride_b, stride_c, stride_t,
+                        BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP64: tl.constexpr):
+    """Program (c, k), template tile k of filter c: lme_t over the whole batch (as the dense pass 1), then per
+    image b the tile's centre c_k = (max_t u < −1 ? max_t u : 0), mixture m_k = Σ_t p_t expm1(u − c_k) and
+    conditional q_k = Σ_t p_t f(u), u = s − lme_t, into [C, NT, B] scratch (docs/method.md §2)."""
+    dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    c = tl.program_id(0)
+    k = tl.program_id(1)
+    t = k * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid_t = t < T
+    prior = 1.0 / tl.cast(T, dtype)
+    row = s_ptr + c.to(tl.int64) * stride_c + t.to(tl.int64)[None, :] * stride_t
+    shift = tl.zeros((BLOCK_T,), dtype=dtype)
+    total = tl.zeros((BLOCK_T,), dtype=dtype)
+    for b0 in range(0, B, BLOCK_B):  # lme_t = m_t + log1p(mean_b expm1(s − m_t)), m_t = max(0, max_b s − 30)
+        valid_b = (b0 + tl.arange(0, BLOCK_B)) < B
+        s = tl.load(row + (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None] * stride_b,
+                    mask=valid_b[:, None] & valid_t[None, :], other=0.0).to(dtype)
+        new_shift = tl.maximum(shift, tl.max(tl.where(valid_b[:, None], s, -float("inf")), axis=0) - _SAFE_SPREAD)
+        seen = tl.cast(b0, dtype)
+        total = tl.where(new_shift > shift, (total + seen) * tl.exp(shift - new_shift) - seen, total)
+        shift = new_shift
+        total += tl.sum(tl.where(valid_b[:, None], _expm1(s - shift[None, :]), 0.0), axis=0)
+    lme = shift + _log1p(total / B)
+    tl.store(lme_ptr + c.to(tl.int64) * T + t, lme, mask=valid_t)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        valid_b = b < B
+        s = tl.load(row + b.to(tl.int64)[:, None] * stride_b, mask=valid_b[:, None] & valid_t[None, :],
+                    other=0.0).to(dtype)
+        u = s - lme[None, :]
+        max_u = tl.max(tl.where(valid_t[None, :], u, -float("inf")), axis=1)
+        centre = tl.where(max_u < -1.0, max_u, 0.0)
+        # select (not multiply by a zero prior): u − centre of padding templates may overflow exp
+        mixture = tl.sum(tl.where(valid_t[None, :], prior * _expm1(u - centre[:, None]), 0.0), axis=1)
+        conditional = tl.sum(tl.where(valid_t[None, :], prior * _entropy_term(u), 0.0), axis=1)
+        offsets = (c.to(tl.int64) * NT + k) * B + b
+        tl.store(centre_ptr + offsets, centre, mask=valid_b)
+        tl.store(mixture_ptr + offsets, mixture, mask=valid_b)
+        tl.store(conditional_ptr + offsets, conditional, mask=valid_b)
+
+
+@triton.jit
+def _mi_combine_kernel(centre_ptr, mixture_ptr, conditional_ptr, v_ptr, loss_ptr, B, T, NT,
+                       BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, IS_FP64: tl.constexpr):
+    """Program c: v_b = C_b + log1p(Σ_k e^{c_k − C_b} m_k + P_k expm1(c_k − C_b)) with C_b = max_k c_k (the
+    serial kernel's centre) and P_k the tile's prior mass, then −MI = −(Σ_b Σ_k q_k − Σ_b f(v_b)) / B."""
+    dtype: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    c = tl.program_id(0)
+    prior = 1.0 / tl.cast(T, dtype)
+    conditional_sum = tl.zeros((BLOCK_B,), dtype=dtype)
+    marginal_sum = tl.zeros((BLOCK_B,), dtype=dtype)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        valid_b = b < B
+        top = tl.zeros((BLOCK_B,), dtype=dtype) - float("inf")
+        for k in range(0, NT):
+            top = tl.maximum(top, tl.load(centre_ptr + (c.to(tl.int64) * NT + k) * B + b, mask=valid_b, other=0.0))
+        mixture = tl.zeros((BLOCK_B,), dtype=dtype)
+        conditional = tl.zeros((BLOCK_B,), dtype=dtype)
+        for k in range(0, NT):
+            offsets = (c.to(tl.int64) * NT + k) * B + b
+            centre = tl.load(centre_ptr + offsets, mask=valid_b, other=0.0)
+            mass = tl.cast(tl.minimum(BLOCK_T, T - k * BLOCK_T), dtype) * prior
+            mixture += (tl.exp(centre - top) * tl.load(mixture_ptr + offsets, mask=valid_b, other=0.0)
+                        + mass * _expm1(centre - top))
+            conditional += tl.load(conditional_ptr + offsets, mask=valid_b, other=0.0)
+        v = top + _log1p(mixture)
+        tl.store(v_ptr + c.to(tl.int64) * B + b, v, mask=valid_b)
+        conditional_sum += tl.where(valid_b, conditional, 0.0)
+        marginal_sum += tl.where(valid_b, _entropy_term(v), 0.0)
+    tl.store(loss_ptr + c, -(tl.sum(conditional_sum, axis=0) - tl.sum(marginal_sum, axis=0)) / B)
+
+
+def _split_mi_forward(s: Tensor, loss: Tensor, lme: Tensor, v: Tensor, block_b: int, block_t: int) -> None:
+    """The forward split over template tiles (MI_LAUNCH["SPLIT"]): partials per (filter, tile), then a combine."""
+    B, C, T = s.shape
+    tiles = triton.cdiv(T, block_t)
+    centre, mixture, conditional = s.new_empty((3, C, tiles, B)).unbind(0)
+    warps = {"num_warps": MI_LAUNCH["num_warps"]} if "num_warps" in MI_LAUNCH else {}
+    flags = {"BLOCK_B": block_b, "BLOCK_T": block_t, "IS_FP64": s.dtype == torch.float64}
+    wrap_triton(_mi_partials_kernel)[(C, tiles)](s, lme, centre, mixture, conditional, B, T, tiles, *s.stride(),
+                                                 **flags, **warps)
+    wrap_triton(_mi_combine_kernel)[(C,)](centre, mixture, conditional, v, loss, B, T, tiles, **flags)
+
+
 def _mi_launch(s: Tensor) -> tuple[dict[str, int], dict[str, object]]:
     """Tile sizes and the kernel arguments shared by the FROM_LOGITS launches for logits s [B, C, T]."""
     B, C, T = s.shape
@@ -95,9 +186,12 @@ def _mi_forward_fake(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def logits_mi_forward(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(−MI per filter [C], lme [C, T], v [C, B]) from logits s [B, C, T] (float32/64, any strides)."""
     B, C, T = s.shape
-    _, common = _mi_launch(s)
+    tiles, common = _mi_launch(s)
     loss, lme, v = s.new_empty((C,)), s.new_empty((C, T)), s.new_empty((C, B))
-    wrap_triton(dense._forward_kernel)[(C,)](s, s, lme, v, loss, **common)
+    if MI_LAUNCH.get("SPLIT"):
+        _split_mi_forward(s, loss, lme, v, tiles["BLOCK_B"], tiles["BLOCK_T"])
+    else:
+        wrap_triton(dense._forward_kernel)[(C,)](s, s, lme, v, loss, **common)
     return loss, lme, v
 
 
