@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
   date -u; } 2>&1 | tee "$OUT/env.txt"
 timeout 90 python3 experiments/gpu_compile_probe.py > "$OUT/compile_probe.log" 2>&1
 echo "compile probe rc=$? at $SECONDS s"; grep -E "^(aot_eager|inductor)" "$OUT/compile_probe.log" | cut -c1-300
-VARIANTS=${VARIANTS:-'{"defaults": {}, "p14": {"part_lr_scale": 0.07}, "c1000": {"constellation_weight": 1000}}'}
+VARIANTS=${VARIANTS:-'{"defaults": {}, "c1000": {"constellation_weight": 1000}, "c2500": {"constellation_weight": 2500}, "e12": {"epochs": 12}}'}
 timeout 250 python3 experiments/resnet224.py --out /tmp/r224 --budget 200 --seeds 0 1 --performer-seeds 0 1 \
   --train-images 2000 --workers 14 --parallel 8 --variants "$VARIANTS" > "$OUT/resnet224.log" 2>&1
 echo "resnet224 rc=$? at $SECONDS s"; cp /tmp/r224/results.json "$OUT/resnet224_results.json" 2>/dev/null
