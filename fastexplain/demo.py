@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,12 @@ def run_demo(out_dir: str | Path = "fastexplain-demo", quick: bool = False, prog
     config = TrainConfig(epochs=settings.explainer_epochs, batch_size=settings.explainer_batch_size, seed=settings.seed,
                          refine_epochs=settings.explainer_refine_epochs)
     options = DEMO_EXPLAINER_OPTIONS if explainer_options is None else explainer_options
-    history = fit(performer, train_world, cache / "explainer", config, options, resume=True, progress=progress,
-                  extra={"data": f"partworld:seed={settings.seed + 1},split=train",
-                         "performer_file": str((cache / CACHE_NAME).resolve())})
+    with warnings.catch_warnings():
+        if quick:  # a smoke test: its few steps are the point, not a user's mistake
+            warnings.filterwarnings("ignore", message="fit: .* optimisation steps", category=UserWarning)
+        history = fit(performer, train_world, cache / "explainer", config, options, resume=True, progress=progress,
+                      extra={"data": f"partworld:seed={settings.seed + 1},split=train",
+                             "performer_file": str((cache / CACHE_NAME).resolve())})
     explainer = explainer_from_state(load_checkpoint(cache / "explainer" / "checkpoint.pt"))
     seconds["explainer"] = time.perf_counter() - mark
 

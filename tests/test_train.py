@@ -193,3 +193,20 @@ def test_a_checkpoint_from_before_the_recipe_fields_keeps_its_objective(tmp_path
     assert (config.part_init, config.autoencoder_init, config.part_groups) == ("random", "random", 1)
     today = load_explainer(tmp_path / "checkpoint.pt").config  # a checkpoint that has the fields keeps them
     assert today.constellation_weight == ExplainerConfig(in_channels=1).constellation_weight > 0
+
+
+def test_too_few_steps_for_the_recipe_are_a_warning(tmp_path: Path, monkeypatch) -> None:
+    """The defaults settle in a few hundred steps (docs/diversity-experiments.md): fewer is a warning that says
+    how many steps the run has; enough is silent (the threshold lowered here to keep the test small)."""
+    import warnings
+
+    import fastexplain.train as train_module
+
+    with pytest.warns(UserWarning, match=r"fit: 2 epochs of 16 images are 4 optimisation steps"):
+        fit(_performer(), _images(), tmp_path / "few", TrainConfig(epochs=2, batch_size=8, refine_epochs=0), {"parts": 8},
+            progress=False)
+    monkeypatch.setattr(train_module, "SETTLING_STEPS", 4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fit: .* optimisation steps")
+        fit(_performer(), _images(), tmp_path / "enough", TrainConfig(epochs=2, batch_size=8, refine_epochs=0),
+            {"parts": 8}, progress=False)
