@@ -321,23 +321,26 @@ def render_summary_png(path: str | os.PathLike[str], metrics: Mapping[str, Mappi
     for group in dict.fromkeys(g.group for g in galleries):
         chosen += [g for g in galleries if g.group == group][:max_per_group]
     rows = metric_table_rows(metrics)
-    figure = plt.figure(figsize=(10, 1.2 + 0.35 * len(rows) + 1.3 * len(chosen)))
-    grid = figure.add_gridspec(1 + len(chosen), 1, height_ratios=[0.6 + 0.35 * len(rows)] + [1.3] * len(chosen))
+    table_height = 0.25 * (len(rows) + 1)  # inches: header and rows at font size 8
+    height = 0.6 + table_height + 1.3 * len(chosen)
+    figure = plt.figure(figsize=(10, height))
+    grid = figure.add_gridspec(1 + len(chosen), 1, height_ratios=[table_height] + [1.3] * len(chosen),
+                               top=1 - 0.6 / height, bottom=0.1 / height)  # 0.6 in above: the glance lines
     table_axis = figure.add_subplot(grid[0])
     table_axis.axis("off")
     if rows:
         table = table_axis.table(cellText=[list(r[:3]) for r in rows], colLabels=["metric", "performer", "explainer"],
-                                 loc="center", cellLoc="left", colWidths=[0.4, 0.3, 0.3])
+                                 cellLoc="left", colWidths=[0.4, 0.3, 0.3], bbox=[0, 0, 1, 1])  # fills its axis
         table.auto_set_font_size(False)
         table.set_fontsize(8)
-        table.scale(1, 1.3)
     for n, gallery in enumerate(chosen, start=1):
         axis = figure.add_subplot(grid[n])
         axis.imshow(_gallery_strip(gallery))
         axis.set_title(f"{gallery.group} filter {gallery.filter_index} {gallery.caption}", fontsize=9, loc="left")
         axis.axis("off")
     if glance_lines(metrics):
-        figure.suptitle("\n".join(glance_lines(metrics)), fontsize=10, x=0.02, ha="left")
+        figure.suptitle("\n".join(glance_lines(metrics)), fontsize=10, x=0.02, y=1 - 0.05 / height, ha="left",
+                        va="top")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=90, bbox_inches="tight")
