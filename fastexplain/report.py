@@ -325,12 +325,12 @@ def render_summary_png(path: str | os.PathLike[str], metrics: Mapping[str, Mappi
     height = 0.6 + table_height + 1.3 * len(chosen)
     figure = plt.figure(figsize=(10, height))
     grid = figure.add_gridspec(1 + len(chosen), 1, height_ratios=[table_height] + [1.3] * len(chosen),
-                               top=1 - 0.6 / height, bottom=0.1 / height)  # 0.6 in above: the glance lines
+                               top=1 - 0.6 / height, bottom=0.1 / height, left=0.02, right=0.98)  # 0.6 in: glance lines
     table_axis = figure.add_subplot(grid[0])
     table_axis.axis("off")
     if rows:
         table = table_axis.table(cellText=[list(r[:3]) for r in rows], colLabels=["metric", "performer", "explainer"],
-                                 cellLoc="left", colWidths=[0.4, 0.3, 0.3], bbox=[0, 0, 1, 1])  # fills its axis
+                                 cellLoc="left", colWidths=[0.3, 0.35, 0.35], bbox=[0, 0, 1, 1])  # fills its axis
         table.auto_set_font_size(False)
         table.set_fontsize(8)
     for n, gallery in enumerate(chosen, start=1):
