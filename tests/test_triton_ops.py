@@ -386,17 +386,23 @@ def test_mi_kernels_on_strided_logits_stay_in_bounds(small_tiles):
     torch.testing.assert_close(ds, leaf.grad, rtol=1e-9, atol=1e-15)
 
 
+def _assert_gemm_form_matches_reference(x: torch.Tensor, atol: float):
+    """The gemm form's loss (rtol 1e-10) and gradient (rtol 1e-9) against the float64 reference; returns the op."""
+    weights = torch.rand(x.shape[1], dtype=torch.float64) + 0.5
+    fn = lambda t, b: filter_loss(t, beta=b, reduction="none", backend="triton")  # noqa: E731
+    with triton_forms.use_form("gemm"):
+        torch.testing.assert_close(fn(x, 4.0), reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=atol)
+        torch.testing.assert_close(_grad(fn, x, weights), _grad(reference.filter_loss_per_filter, x, weights),
+                                   rtol=1e-9, atol=atol)
+    return fn
+
+
 @pytest.mark.parametrize("launch", [{"BLOCK_B": 16, "BLOCK_T": 16}, {"BLOCK_T": 32, "num_warps": 8}])
 def test_mi_launch_overrides_keep_the_result(monkeypatch, launch):
     """triton_forms.MI_LAUNCH (the GPU script's sweep) changes tiles and warps, never the loss or its gradient."""
     monkeypatch.setattr(triton_forms, "MI_LAUNCH", dict(launch))
     x = _maps((19, 2, 3, 5), scale=2.0, seed=12)
-    weights = torch.rand(2, dtype=torch.float64) + 0.5
-    fn = lambda t, b: filter_loss(t, beta=b, reduction="none", backend="triton")  # noqa: E731
-    with triton_forms.use_form("gemm"):
-        torch.testing.assert_close(fn(x, 4.0), reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-15)
-        torch.testing.assert_close(_grad(fn, x, weights), _grad(reference.filter_loss_per_filter, x, weights),
-                                   rtol=1e-9, atol=1e-15)
+    _assert_gemm_form_matches_reference(x, atol=1e-15)
 
 
 @pytest.mark.parametrize("case", ["plain", "saturated"])
@@ -410,14 +416,9 @@ def test_mi_forward_split_over_template_tiles_matches_the_reference(monkeypatch,
         x = x * 40.0
         x[0] = 0.0
         x[1, :, :2] = 0.0
-    weights = torch.rand(3, dtype=torch.float64) + 0.5
-    fn = lambda t, b: filter_loss(t, beta=b, reduction="none", backend="triton")  # noqa: E731
+    fn = _assert_gemm_form_matches_reference(x, atol=1e-13)
     with triton_forms.use_form("gemm"):
-        torch.testing.assert_close(fn(x, 4.0), reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(_grad(fn, x, weights), _grad(reference.filter_loss_per_filter, x, weights),
-                                   rtol=1e-9, atol=1e-13)
-        single = x.float()
-        error = _relative(fn(single, 4.0), reference.filter_loss_per_filter(x, 4.0))
+        error = _relative(fn(x.float(), 4.0), reference.filter_loss_per_filter(x, 4.0))
     assert error < 1e-5, error
     logits = triton_forms.gemm_logits(x, 4.0)
     _, lme, v = triton_forms.logits_mi_forward(logits)
