@@ -136,9 +136,10 @@ def make_explainer_config(performer: Performer, image_size: tuple[int, int],
 
 
 PART_LR_REFERENCE_CHANNELS = 64  #: part_lr_scale is the part filters' lr multiplier at this many input channels
-#: joint steps below which fit warns (demo, 6 + 4 epochs: 60 steps gave location instability 0.97×, p 0.56;
-#: 150 steps 0.78×, p 0.63; 500 steps 0.60×, p 0.77 — docs/diversity-experiments.md)
-SETTLING_STEPS = 300
+#: joint steps below which fit warns: the fewest the defaults were measured at (demo, 6 + 4 epochs: 60 steps gave
+#: location instability 0.97×, p 0.56; 150 steps 0.78×, p 0.63; 500 steps 0.60×, p 0.77; resnet18 layer3: 42 steps
+#: 0.92×, 150 steps 0.78× with distinct filters, 300 steps merged filters — docs/diversity-experiments.md)
+SETTLING_STEPS = 150
 
 
 def make_optimizer(explainer: Explainer, config: TrainConfig) -> torch.optim.Optimizer:
@@ -285,10 +286,10 @@ def _fit(performer: Performer, dataset: Dataset, out_dir: Path, config: TrainCon
     joint_steps = config.epochs * math.ceil(len(dataset) / config.batch_size)
     if joint_steps < SETTLING_STEPS and context.is_main:
         warnings.warn(f"fit: {config.epochs} epochs of {len(dataset)} images are {joint_steps} optimisation steps; "
-                      f"the default recipe needs at least {SETTLING_STEPS} (p and the part filters' location "
-                      f"stability are still moving before that); use more images if you can (more epochs over few "
-                      f"images helped the demo's 64 channels but merged resnet18's 256 filters: docs/explainer.md, "
-                      f"\"Training length\")", stacklevel=3)
+                      f"the defaults were measured at {SETTLING_STEPS} (resnet18 layer3) to 500 (the demo), and p and "
+                      f"the part filters' location stability still move below that; use more images if you can (more "
+                      f"epochs over few images merged resnet18's filters: docs/explainer.md, \"Training length\")",
+                      stacklevel=3)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     # rank 0 alone reads the output directory (it need not be shared); its answer or error reaches all ranks
     state = parallel.run_on_rank0(context, lambda: _read_checkpoint_if_resuming(checkpoint_path, resume))
