@@ -13,18 +13,12 @@ import pytest
 import torch
 
 from fastexplain import filter_loss, relu_template_mask
-from fastexplain.ops import _registry
 
-try:
-    TRITON = _registry.load("triton")
-except _registry.BackendUnavailable as error:  # pragma: no cover - depends on the machine
-    pytest.skip(f"Triton backend unavailable here: {error}", allow_module_level=True)
+from triton_env import DEVICE, INTERPRETED  # skips this module where the backend cannot load
 
 from fastexplain.ops import triton_filter_loss, triton_forms, triton_mask  # noqa: E402  (after the availability check)
 
 pytestmark = pytest.mark.triton_interpret
-DEVICE = "cuda" if "cuda" in TRITON.device_types else "cpu"
-INTERPRETED = DEVICE == "cpu"
 
 
 def _maps(shape, seed=0) -> torch.Tensor:

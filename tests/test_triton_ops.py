@@ -18,16 +18,11 @@ from fastexplain import filter_loss, relu_template_mask
 from fastexplain.ops import _registry, reference
 from fastexplain.ops._checks import negative_message, nonfinite_message
 
-try:
-    TRITON = _registry.load("triton")
-except _registry.BackendUnavailable as error:  # pragma: no cover - depends on the machine
-    pytest.skip(f"Triton backend unavailable here: {error}", allow_module_level=True)
+from triton_env import DEVICE, INTERPRETED, TRITON  # skips this module where the backend cannot load
 
 from fastexplain.ops import triton_filter_loss, triton_forms, triton_mask  # noqa: E402  (after the availability check)
 
 pytestmark = pytest.mark.triton_interpret
-DEVICE = "cuda" if "cuda" in TRITON.device_types else "cpu"
-INTERPRETED = DEVICE == "cpu"
 # B, C, H, W: B = 1, C = 1, H ≠ W, n = max(H, W) ∈ {1, 2, 3, 7, 14}
 SHAPES = [(1, 1, 1, 1), (3, 2, 1, 2), (4, 1, 3, 2), (5, 2, 7, 5), (1, 2, 3, 3), (6, 1, 14, 14)]
 
