@@ -41,6 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Imported here, before a worker makes its group (fastexplain/_import_guard.py): imported later, it pins the
+# group past destroy_process_group() and a rank could abort at exit after saving its results.
+import fastexplain  # noqa: F401
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 DEFAULT_OUT = HERE / "results" / "distributed"

@@ -1,6 +1,10 @@
 """fastexplain: explainer networks that make CNNs explain themselves, fast (arXiv 1805.07468, 1710.00935)."""
 from __future__ import annotations
 
+from ._import_guard import warn_if_a_group_would_be_pinned
+
+warn_if_a_group_would_be_pinned()  # before anything below imports torch._dynamo
+
 from .ops import BackendUnavailable, filter_loss, relu_template_mask, template_mask
 from .checkpoint import CheckpointError, load_explainer
 from .nn import (Explainer, ExplainerConfig, ExplainerOutput, FilterLosses, InterpretableConv2d, InterpretableOutput,

@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before setup() makes a group, else it pins it (see _import_guard)
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 

@@ -1,0 +1,60 @@
+"""fastexplain imported after ``init_process_group`` pins the default group (fastexplain/_import_guard.py).
+
+Each case runs in a fresh interpreter with a one-rank gloo group: importing fastexplain after the group
+exists must warn, and the group's gloo threads then outlive ``destroy_process_group()`` (the cause of
+the SIGABRT at exit seen in CI); imported before, no warning and the threads end with the group.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import os, socket, sys, warnings
+warnings.simplefilter("error", RuntimeWarning)
+import torch
+import torch.distributed as dist
+if sys.argv[1] == "before":
+    import fastexplain
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+threads_before = len(os.listdir("/proc/self/task"))
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+warned = False
+if sys.argv[1] == "after":
+    try:
+        import fastexplain
+    except RuntimeWarning as warning:
+        warned = "before init_process_group" in str(warning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import fastexplain
+x = torch.rand(4, 3, 5, 5, requires_grad=True)
+fastexplain.filter_loss(x, process_group=dist.group.WORLD).backward()
+dist.destroy_process_group()
+print(warned, len(os.listdir("/proc/self/task")) - threads_before)
+"""
+
+
+def _run(order: str) -> tuple[bool, int]:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, order], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    warned, extra_threads = done.stdout.split()
+    return warned == "True", int(extra_threads)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
+def test_import_after_the_group_warns_and_pins_it_import_before_does_not() -> None:
+    warned, pinned_threads = _run("after")
+    assert warned, "importing fastexplain after init_process_group must warn"
+    assert pinned_threads >= 2, "PyTorch no longer pins the group; _import_guard's warning may be obsolete"
+    warned, extra_threads = _run("before")
+    assert not warned
+    assert extra_threads < pinned_threads, (extra_threads, pinned_threads)
