@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 # Imported here, before a worker makes its group (fastexplain/_import_guard.py): imported later, it pins the
 # group past destroy_process_group() and a rank could abort at exit after saving its results.
-import fastexplain  # noqa: F401
+import fastexplain
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -68,8 +68,6 @@ def _loadavg() -> str:
 
 
 def _step(x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    import fastexplain
-
     leaf = x.detach().requires_grad_(True)
     loss = fastexplain.filter_loss(leaf, backend="cpu", reduction="none", **kwargs)
     loss.sum().backward()
