@@ -22,9 +22,11 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  before setup() makes a group, else it pins it (see _import_guard)
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+
+if dist.is_available():  # before setup() makes a group, else importing it later pins the group (see _import_guard)
+    import torch.distributed.nn  # noqa: F401
 
 __all__ = ["ParallelContext", "setup", "teardown", "is_main_process", "rank_batches", "check_global_batch", "sum_over_ranks",
            "differentiable_sum", "ddp_options", "broadcast_module", "run_on_rank0", "collective_failure"]
