@@ -17,24 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import os, socket, sys, warnings
-warnings.simplefilter("error", RuntimeWarning)
 import torch
 import torch.distributed as dist
+
+def import_fastexplain():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import fastexplain
+    return fastexplain, any("before init_process_group" in str(w.message) for w in caught)
+
 if sys.argv[1] == "before":
-    import fastexplain
+    fastexplain, warned = import_fastexplain()
 with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
 threads_before = len(os.listdir("/proc/self/task"))
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-warned = False
 if sys.argv[1] == "after":
-    try:
-        import fastexplain
-    except RuntimeWarning as warning:
-        warned = "before init_process_group" in str(warning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        import fastexplain
+    fastexplain, warned = import_fastexplain()
 x = torch.rand(4, 3, 5, 5, requires_grad=True)
 fastexplain.filter_loss(x, process_group=dist.group.WORLD).backward()
 dist.destroy_process_group()
