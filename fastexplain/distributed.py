@@ -79,7 +79,17 @@ def _all_reduce(tensor: Tensor, group: Any, op: Any = None) -> Tensor:
     return tensor
 
 
-def _check_agreement(x: Tensor, beta: float, group: Any, local_error: Exception | None) -> None:
+# A rank's own error, carried to the collective agreement check as (exception type, message): an exception
+# object would carry its traceback, and through it the caller's frames, into places that outlive the call (it
+# kept the caller's model and process group alive past destroy_process_group(), and gloo's threads with them).
+LocalError = tuple[type, str]
+
+
+def _without_traceback(error: Exception) -> LocalError:
+    return type(error), str(error)
+
+
+def _check_agreement(x: Tensor, beta: float, group: Any, local_error: LocalError | None) -> None:
     """Collective 0: every rank must hold maps of the same C, H, W and dtype class, and the same β, and
     none may have failed before the collectives (else the others would wait for it until the timeout)."""
     B, C, H, W = x.shape
@@ -89,7 +99,8 @@ def _check_agreement(x: Tensor, beta: float, group: Any, local_error: Exception 
     failed = torch.tensor([float(local_error is not None)], dtype=torch.float64, device=x.device)
     both = _all_reduce(torch.cat([mine, -mine, failed]), group, dist.ReduceOp.MAX)
     if local_error is not None:
-        raise local_error
+        kind, message = local_error
+        raise kind(message)
     if both[-1] > 0:
         raise RuntimeError(f"{_OP}: another rank of the process group failed before the loss was computed; "
                            f"see that rank's error")
@@ -106,12 +117,12 @@ class _GlobalFilterLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, beta: float, group: Any, backend: str | None, grad_factor: float,
-                local_error: Exception | None) -> Tensor:
+                local_error: LocalError | None) -> Tensor:
         if local_error is None:
             try:
                 passes = _local_passes(x, beta, backend)
             except (ValueError, RuntimeError) as error:  # BackendUnavailable is a RuntimeError
-                local_error = error
+                local_error = _without_traceback(error)
         _check_agreement(x, beta, group, local_error)
         loss, n_total = loss_from_passes(passes, x.shape[0], _group_reducer(group))
         ctx.passes, ctx.group, ctx.n_total, ctx.grad_factor = passes, group, n_total, grad_factor
@@ -187,7 +198,7 @@ def global_filter_loss_per_filter(x: Tensor, beta: float, process_group: Any, *,
     except (TypeError, ValueError) as error:
         if not (isinstance(x, Tensor) and x.dim() == 4):
             raise  # not even a [B, C, H, W] tensor to take part in the agreement check with
-        local_error = error
+        local_error = _without_traceback(error)
     return _GlobalFilterLoss.apply(x, beta if local_error is not None else float(beta), process_group, backend,
                                    grad_factor, local_error)
 

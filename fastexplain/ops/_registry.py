@@ -42,7 +42,10 @@ _MODULES = {
     "triton": "fastexplain.ops.triton_backend",
 }
 AUTOMATIC_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
-_loaded: dict[str, "Backend | BackendUnavailable"] = {}
+# name -> the backend, or the reason it cannot be used here (a string: a cached exception would keep its traceback,
+# and with it every caller frame of the first failed load alive for the life of the process, e.g. a training
+# function's model and process group, whose gloo threads then outlive destroy_process_group()).
+_loaded: dict[str, "Backend | str"] = {}
 
 
 def backend_names() -> tuple[str, ...]:
@@ -58,12 +61,12 @@ def load(name: str) -> Backend:
             module = importlib.import_module(_MODULES[name])
             _loaded[name] = module.load_backend()
         except BackendUnavailable as error:
-            _loaded[name] = error
+            _loaded[name] = str(error)
         except ImportError as error:
-            _loaded[name] = BackendUnavailable(f"backend {name!r} is unavailable: {error}")
+            _loaded[name] = f"backend {name!r} is unavailable: {error}"
     result = _loaded[name]
-    if isinstance(result, BackendUnavailable):
-        raise result
+    if isinstance(result, str):
+        raise BackendUnavailable(result)  # a fresh exception each time: nothing cached holds a traceback
     return result
 
 
