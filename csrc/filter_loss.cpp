@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernel_math.h"
+#include "large_alloc.h"
 
 namespace fastexplain {
 namespace {
@@ -414,10 +415,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
   return {loss, lme, v};
 }
 
-// One template's gradient for float32 rows (the loop body of filter_backward on 16-float vectors, three passes):
+// One template's gradient for float32 rows (the loop body of filter_gradient on 16-float vectors, three passes):
 // u = (s − lme0) − lme1, q·B = 1 + expm1(u), g = p_t (u − v); the first image of largest u is tracked per lane in
 // the same pass (its g is the reference subtracted before the batch sum); then Σ_b qB (g − g_ref); then
 // ds = scale · qB · ((g − g_ref) − centre), added to the per-image totals.
+// kSaved (the fused forward + gradient): ds holds u and qB holds w = expm1(u) on entry, as filter_forward left them,
+// so no logit is rebuilt and no exponential is evaluated again.
+template <bool kSaved>
 inline void backward_template_float(float* __restrict ds, float* __restrict weighted, float* __restrict qB,
                                     const float* __restrict v, int64_t B, float lme0, float lme1, float prior,
                                     float inv_B, float scale, float* __restrict totals) {
@@ -425,8 +429,8 @@ inline void backward_template_float(float* __restrict ds, float* __restrict weig
   Float16 best = splat16(-INFINITY);
   Int16 best_index = Int16{}, index = Int16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t b = 0; b < full; b += 16) {
-    const Float16 u = (load16(ds + b) - lme0) - lme1;
-    store16(qB + b, 1.0f + expm1_16(u));
+    const Float16 u = kSaved ? load16(ds + b) : (load16(ds + b) - lme0) - lme1;
+    store16(qB + b, 1.0f + (kSaved ? load16(qB + b) : expm1_16(u)));
     store16(weighted + b, prior * (u - load16(v + b)));
     const auto better = u > best;  // strict: every lane keeps its first maximum
     best = better ? u : best;
@@ -445,8 +449,8 @@ inline void backward_template_float(float* __restrict ds, float* __restrict weig
       if (lanes[l] == u_max && lane_index[l] < ref) ref = lane_index[l];
   }
   for (int64_t b = full; b < B; ++b) {
-    const float u = (ds[b] - lme0) - lme1;
-    qB[b] = 1.0f + expm1_vec(u);
+    const float u = kSaved ? ds[b] : (ds[b] - lme0) - lme1;
+    qB[b] = 1.0f + (kSaved ? qB[b] : expm1_vec(u));
     weighted[b] = prior * (u - v[b]);
     if (u > u_max) {
       u_max = u;
@@ -479,30 +483,35 @@ inline void backward_template_float(float* __restrict ds, float* __restrict weig
 
 // dloss/dx for one filter: g = p_t (u − v), dMI/ds = q (g − Σ_b q g), dloss/ds = −grad·dMI/ds,
 // dx_b(i) = Σ_t dloss/ds[b,t]·T_t(i), then the centring's Jacobian (subtract the batch mean).
-template <typename scalar_t, typename F>
-void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
+// kSaved = false (the backward op): ws.maps holds the gathered maps; the logits are recomputed and u rebuilt from lme.
+// kSaved = true (the fused forward + gradient): ws.u and ws.w hold u and expm1(u) as filter_forward left them.
+template <bool kSaved, typename scalar_t, typename F>
+void filter_gradient(const LossGeometry& g, Workspace<F>& ws, F grad,
                      const F* lme, const F* v, scalar_t* dx, int64_t c) {
   const int64_t B = g.B;
   const F inv_B = F(1) / static_cast<F>(B);
   F* s_all = ws.u.data();
-  template_logits(g, ws, s_all);
+  if constexpr (!kSaved) template_logits(g, ws, s_all);
   F* __restrict template_totals = ws.row.data();  // Σ_t dloss/ds[b,t]
   std::fill(template_totals, template_totals + B, F(0));
   for (int64_t t = 0; t < g.T; ++t) {
     const F prior = static_cast<F>(t == 0 ? g.prior_negative : g.prior_positive);
-    F* __restrict ds = s_all + t * B;  // s on entry, dloss/ds on exit
-    F* __restrict weighted = ws.w.data() + t * B;
-    F* __restrict qB = ws.pyramid.data();  // scratch row (pyramid buffer is free until the correlation below)
+    const F lme0 = kSaved ? F(0) : lme[t], lme1 = kSaved ? F(0) : lme[g.T + t];
+    F* __restrict ds = s_all + t * B;  // s (u when kSaved) on entry, dloss/ds on exit
+    // Two scratch rows: g and q·B; the pyramid buffer is free until the correlation below. When kSaved, q·B
+    // overwrites w in place.
+    F* __restrict weighted = kSaved ? ws.pyramid.data() : ws.w.data() + t * B;
+    F* __restrict qB = kSaved ? ws.w.data() + t * B : ws.pyramid.data();
     if constexpr (std::is_same_v<F, float>) {
-      backward_template_float(ds, weighted, qB, v, B, lme[t], lme[g.T + t], prior, inv_B, -grad * inv_B,
-                              template_totals);
+      backward_template_float<kSaved>(ds, weighted, qB, v, B, lme0, lme1, prior, inv_B, -grad * inv_B,
+                                      template_totals);
       continue;
     }
     F u_max = -INFINITY;
     #pragma omp simd reduction(max : u_max)
     for (int64_t b = 0; b < B; ++b) {
-      const F u = (ds[b] - lme[t]) - lme[g.T + t];
-      qB[b] = F(1) + expm1_vec(u);
+      const F u = kSaved ? ds[b] : (ds[b] - lme0) - lme1;
+      qB[b] = F(1) + (kSaved ? qB[b] : expm1_vec(u));
       weighted[b] = prior * (u - v[b]);  // g
       u_max = std::max(u_max, u);
     }
@@ -511,7 +520,7 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
     int64_t ref = B - 1;  // the first image with u = u_max (a lane-wise min-reduction; the last if none matches)
 #pragma omp simd reduction(min : ref)
     for (int64_t b = 0; b < B; ++b)
-      if ((ds[b] - lme[t]) - lme[g.T + t] == u_max) ref = b < ref ? b : ref;
+      if ((kSaved ? ds[b] : (ds[b] - lme0) - lme1) == u_max) ref = b < ref ? b : ref;
     const F g_ref = weighted[ref];
     F qg_total = F(0);
     #pragma omp simd reduction(+ : qg_total)
@@ -528,7 +537,6 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
   }
   ws.correlate(s_all + B, ws.pyramid.data(), B);
   const F tau = static_cast<F>(g.tau), tau_kappa = static_cast<F>(g.tau * g.kappa);
-  F* staging = ws.maps.data();  // free now: dx is transposed back to image-major through it
   for (int64_t i = 0; i < g.HW; ++i) {
     F* __restrict column = ws.pyramid.data() + i * B;
     F total = F(0);
@@ -561,7 +569,6 @@ void filter_backward(const LossGeometry& g, Workspace<F>& ws, F grad,
         for (int64_t i = i0; i < i_end; ++i) out[i] = static_cast<scalar_t>(columns[i * B + b]);
       }
     }
-  (void)staging;
 }
 
 template <typename scalar_t>
@@ -573,7 +580,7 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
   const at::Tensor grad_c = grad.to(compute).contiguous();
   const at::Tensor lme_c = lme.to(compute).contiguous();
   const at::Tensor v_c = v.to(compute).contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = empty_large(x.sizes(), x.options());
   const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
@@ -594,14 +601,64 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
           Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
           for (int64_t t = 0; t < 2 * g.T; ++t) wide.lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
           for (int64_t b = 0; b < g.B; ++b) wide.v[b] = static_cast<double>(v_data[c * g.B + b]);
-          filter_backward(g, wide_ws, static_cast<double>(grad_data[c]), wide.lme.data(), wide.v.data(), dx_data, c);
+          filter_gradient<false>(g, wide_ws, static_cast<double>(grad_data[c]), wide.lme.data(), wide.v.data(),
+                                 dx_data, c);
           continue;
         }
       }
-      filter_backward(g, ws, grad_data[c], lme_data + c * 2 * g.T, v_data + c * g.B, dx_data, c);
+      filter_gradient<false>(g, ws, grad_data[c], lme_data + c * 2 * g.T, v_data + c * g.B, dx_data, c);
     }
   });
   return dx;
+}
+
+// The loss and its gradient in one pass over the data (issue 12), for training, where a backward pass always
+// follows: per filter, the maps are gathered and the logits correlated once, and the gradient's q = (1 + w)/B
+// reuses the forward's w = expm1(u), so the backward op's second read of x, its second logit correlation and its
+// second expm1 per (image, template) disappear. Returns the loss [C] and dloss_c/dx (grad 1 for every filter) in
+// the compute type, contiguous [B, C, H, W]; filter_loss_backward_from_grad scales it by the incoming gradient.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_grad_typed(const at::Tensor& x, double beta) {
+  using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const LossGeometry g(x, beta);
+  const auto options = x.options().dtype(c10::CppTypeToScalarType<F>::value);
+  at::Tensor loss = at::empty({g.C}, options);
+  at::Tensor dloss_dx = empty_large(x.sizes(), options);
+  const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  F* loss_data = loss.data_ptr<F>();
+  F* dx_data = dloss_dx.data_ptr<F>();
+  std::atomic<bool> any_nonfinite{false}, any_negative{false};
+  const double wide_bound = wide_logit_bound();
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    Workspace<F> ws(g, plan);
+    WideFilter wide;  // large-scale float filters are computed in double (see kWideLogitBound)
+    std::vector<F> lme(2 * g.T), v(g.B);
+    for (int64_t c = begin; c < end; ++c) {
+      bool nonfinite = false, negative = false;
+      if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
+                          negative);
+      if (nonfinite || negative) {
+        if (nonfinite) any_nonfinite = true;
+        if (negative) any_negative = true;
+        continue;
+      }
+      if constexpr (!std::is_same_v<F, double>) {
+        if (logit_bound(g, ws.maps.data()) > wide_bound) {
+          Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
+          loss_data[c] = static_cast<F>(filter_forward(g, wide_ws, wide.lme.data(), wide.v.data()));
+          filter_gradient<true>(g, wide_ws, 1.0, wide.lme.data(), wide.v.data(), dx_data, c);
+          continue;
+        }
+      }
+      loss_data[c] = filter_forward(g, ws, lme.data(), v.data());
+      filter_gradient<true>(g, ws, F(1), lme.data(), v.data(), dx_data, c);
+    }
+  });
+  TORCH_CHECK_VALUE(!any_nonfinite.load(), kNonfinite);
+  TORCH_CHECK_VALUE(!any_negative.load(), kNegative);
+  return {loss, dloss_dx};
 }
 
 void check_loss_input(const at::Tensor& x, const char* op) {
@@ -627,10 +684,31 @@ at::Tensor filter_loss_backward(const at::Tensor& grad, const at::Tensor& x, con
                                          [&] { return backward_typed<scalar_t>(grad, x, lme, v, beta); });
 }
 
+std::tuple<at::Tensor, at::Tensor> filter_loss_forward_grad(const at::Tensor& x, double beta) {
+  check_loss_input(x, "filter_loss");
+  TORCH_CHECK_VALUE(beta > 0 && std::isfinite(beta), "filter_loss: beta must be a finite positive number, got ", beta);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "filter_loss_forward_grad",
+                                         [&] { return forward_grad_typed<scalar_t>(x, beta); });
+}
+
+// dx[b, c] = grad[c] · dloss_dx[b, c] in the input's dtype: the backward pass of filter_loss_forward_grad.
+at::Tensor filter_loss_backward_from_grad(const at::Tensor& grad, const at::Tensor& dloss_dx, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(dloss_dx.dim() == 4 && grad.numel() == dloss_dx.size(1),
+                    "filter_loss_backward_from_grad: grad must hold one value per filter of dloss_dx [B, C, H, W]; "
+                    "pass the outputs of filter_loss_forward_grad(x)");
+  const at::Tensor scale = grad.to(dloss_dx.scalar_type()).reshape({1, dloss_dx.size(1), 1, 1});
+  if (dtype != dloss_dx.scalar_type()) return at::mul(dloss_dx, scale).to(dtype);
+  at::Tensor dx = empty_large(dloss_dx.sizes(), dloss_dx.options());
+  at::mul_out(dx, dloss_dx, scale);
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastexplain
 
 TORCH_LIBRARY_IMPL(fastexplain, CPU, m) {
+  m.impl("filter_loss_forward_grad", &fastexplain::filter_loss_forward_grad);
+  m.impl("filter_loss_backward_from_grad", &fastexplain::filter_loss_backward_from_grad);
   m.impl("filter_loss_forward", &fastexplain::filter_loss_forward);
   m.impl("filter_loss_backward", &fastexplain::filter_loss_backward);
 }

@@ -7,6 +7,10 @@ TORCH_LIBRARY(fastexplain, m) {
   // logits over the batch per template, as centre + log1p part) and v [C, B] (log(B·P) per image).
   m.def("filter_loss_forward(Tensor x, float beta) -> (Tensor, Tensor, Tensor)");
   m.def("filter_loss_backward(Tensor grad, Tensor x, Tensor lme, Tensor v, float beta) -> Tensor");
+  // The loss and dloss_c/dx (for grad 1 per filter; compute dtype, contiguous) in one pass, for training: the backward
+  // pass only scales it by the incoming gradient (filter_loss_backward_from_grad), into the input's dtype.
+  m.def("filter_loss_forward_grad(Tensor x, float beta) -> (Tensor, Tensor)");
+  m.def("filter_loss_backward_from_grad(Tensor grad, Tensor dloss_dx, ScalarType dtype) -> Tensor");
   // y = relu?(x)·m (·τ), clamped at 0, and the peak index per (image, filter) [B, C] (int64).
   m.def("template_mask_forward(Tensor x, float beta, str center, bool tau_scale, bool relu) -> (Tensor, Tensor)");
   m.def("template_mask_backward(Tensor grad_y, Tensor x, Tensor peaks, float beta, bool tau_scale, bool relu) -> Tensor");

@@ -31,7 +31,7 @@ EXTENSION_BASENAME = "fastexplain_cpu"
 OP_NAMESPACE = "fastexplain"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE_FILES = ("schema.cpp", "filter_loss.cpp", "template_mask.cpp", "filter_loss_local.cpp")
-HEADER_FILES = ("kernel_math.h",)
+HEADER_FILES = ("kernel_math.h", "large_alloc.h")
 # -march=native: the build runs on the machine that uses it (and the cache name carries the CPU's hash);
 # on x86 let GCC use 512-bit vectors where the CPU has them (it defaults to 256-bit even on AVX-512 parts).
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp"] + (
@@ -120,6 +120,15 @@ def _register_python_parts() -> None:
     def _filter_loss_backward_fake(grad: Tensor, x: Tensor, lme: Tensor, v: Tensor, beta: float) -> Tensor:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
+    @lib.register_fake(f"{OP_NAMESPACE}::filter_loss_forward_grad")
+    def _filter_loss_forward_grad_fake(x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(x)
+        return x.new_empty((x.shape[1],), dtype=dtype), torch.empty(x.shape, dtype=dtype, device=x.device)
+
+    @lib.register_fake(f"{OP_NAMESPACE}::filter_loss_backward_from_grad")
+    def _filter_loss_backward_from_grad_fake(grad: Tensor, dloss_dx: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.empty(dloss_dx.shape, dtype=dtype, device=dloss_dx.device)
+
     @lib.register_fake(f"{OP_NAMESPACE}::template_mask_forward")
     def _mask_forward_fake(x: Tensor, beta: float, center: str, tau_scale: bool, relu: bool) -> tuple[Tensor, Tensor]:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:2], dtype=torch.int64)
@@ -154,6 +163,33 @@ def _register_python_parts() -> None:
 
     lib.register_autograd(f"{OP_NAMESPACE}::filter_loss_forward", _loss_backward, setup_context=_loss_setup)
 
+    def _loss_grad_setup(ctx, inputs, output) -> None:
+        x, _ = inputs
+        ctx.save_for_backward(output[1])  # dloss/dx: neither x nor the statistics are kept
+        ctx.input_dtype = x.dtype
+
+    def _loss_grad_backward(ctx, grad_loss, grad_dloss_dx):
+        (dloss_dx,) = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None
+        return torch.ops.fastexplain.filter_loss_backward_from_grad(grad_loss, dloss_dx, ctx.input_dtype), None
+
+    lib.register_autograd(f"{OP_NAMESPACE}::filter_loss_forward_grad", _loss_grad_backward,
+                          setup_context=_loss_grad_setup)
+
+    # The backward ops have no derivative of their own: differentiating through them (create_graph=True, then a
+    # second backward) raises instead of PyTorch's default for such ops, a warning and silently zero second
+    # derivatives.
+    def _no_setup(ctx, inputs, output) -> None:
+        pass
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError("filter_loss: the 'cpu' backend has no second derivative (a backward pass through "
+                           "create_graph=True's gradient); use backend='reference' for double backward")
+
+    for name in ("filter_loss_backward", "filter_loss_backward_from_grad"):
+        lib.register_autograd(f"{OP_NAMESPACE}::{name}", _no_double_backward, setup_context=_no_setup)
+
     def _mask_setup(ctx, inputs, output) -> None:
         x, beta, center, tau_scale, relu = inputs
         ctx.save_for_backward(x, output[1])
@@ -182,6 +218,23 @@ def _register_python_parts() -> None:
 
     lib.register_autograd(f"{OP_NAMESPACE}::template_mask_forward_bits", _mask_bits_backward,
                           setup_context=_mask_bits_setup)
+
+    # The mask's backward passes are linear in grad_y and piecewise constant in x (the mask is a constant for
+    # autograd), so their own derivative is the same op applied to the incoming gradient: double backward works.
+    def _mask_backward_setup(ctx, inputs, output) -> None:
+        ctx.inputs = inputs[1:]
+
+    def _mask_backward_backward(ctx, grad_grad):
+        return (torch.ops.fastexplain.template_mask_backward(grad_grad, *ctx.inputs),) + (None,) * len(ctx.inputs)
+
+    lib.register_autograd(f"{OP_NAMESPACE}::template_mask_backward", _mask_backward_backward,
+                          setup_context=_mask_backward_setup)
+
+    def _mask_bits_backward_backward(ctx, grad_grad):
+        return (torch.ops.fastexplain.template_mask_backward_bits(grad_grad, *ctx.inputs),) + (None,) * len(ctx.inputs)
+
+    lib.register_autograd(f"{OP_NAMESPACE}::template_mask_backward_bits", _mask_bits_backward_backward,
+                          setup_context=_mask_backward_setup)
     _registered = True
 
 
@@ -191,7 +244,15 @@ def mask_words(positions: int) -> int:
 
 
 def filter_loss(x: Tensor, beta: float) -> Tensor:
-    """−MI per filter [C] by the fused kernel (float32, float64 for float64 inputs), differentiable in x."""
+    """−MI per filter [C] by the fused kernel (float32, float64 for float64 inputs), differentiable in x.
+
+    When autograd will need the gradient (grad mode on and x requires grad), the loss and dloss/dx come from one
+    pass over the data (``filter_loss_forward_grad``) and the backward pass only scales the saved gradient: in
+    training a backward pass always follows, and this saves reading x again, recomputing the logits and one
+    exponential per (image, template). Otherwise ``filter_loss_forward`` computes the loss alone.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.ops.fastexplain.filter_loss_forward_grad(x, beta)[0]
     return torch.ops.fastexplain.filter_loss_forward(x, beta)[0]
 
 
