@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "kernel_math.h"
-#include "large_alloc.h"
 
 namespace fastexplain {
 namespace {
@@ -580,7 +579,7 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
   const at::Tensor grad_c = grad.to(compute).contiguous();
   const at::Tensor lme_c = lme.to(compute).contiguous();
   const at::Tensor v_c = v.to(compute).contiguous();
-  at::Tensor dx = empty_large(x.sizes(), x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
@@ -623,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_typed(const at::Tensor& x, doubl
   const LossGeometry g(x, beta);
   const auto options = x.options().dtype(c10::CppTypeToScalarType<F>::value);
   at::Tensor loss = at::empty({g.C}, options);
-  at::Tensor dloss_dx = empty_large(x.sizes(), options);
+  at::Tensor dloss_dx = at::empty(x.sizes(), options.memory_format(at::MemoryFormat::Contiguous));
   const PyramidPlan plan(g.H, g.W, beta, pyramid_method());
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   F* loss_data = loss.data_ptr<F>();
@@ -697,10 +696,7 @@ at::Tensor filter_loss_backward_from_grad(const at::Tensor& grad, const at::Tens
                     "filter_loss_backward_from_grad: grad must hold one value per filter of dloss_dx [B, C, H, W]; "
                     "pass the outputs of filter_loss_forward_grad(x)");
   const at::Tensor scale = grad.to(dloss_dx.scalar_type()).reshape({1, dloss_dx.size(1), 1, 1});
-  if (dtype != dloss_dx.scalar_type()) return at::mul(dloss_dx, scale).to(dtype);
-  at::Tensor dx = empty_large(dloss_dx.sizes(), dloss_dx.options());
-  at::mul_out(dx, dloss_dx, scale);
-  return dx;
+  return at::mul(dloss_dx, scale).to(dtype);
 }
 
 }  // namespace

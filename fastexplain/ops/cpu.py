@@ -31,7 +31,7 @@ EXTENSION_BASENAME = "fastexplain_cpu"
 OP_NAMESPACE = "fastexplain"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE_FILES = ("schema.cpp", "filter_loss.cpp", "template_mask.cpp", "filter_loss_local.cpp")
-HEADER_FILES = ("kernel_math.h", "large_alloc.h")
+HEADER_FILES = ("kernel_math.h",)
 # -march=native: the build runs on the machine that uses it (and the cache name carries the CPU's hash);
 # on x86 let GCC use 512-bit vectors where the CPU has them (it defaults to 256-bit even on AVX-512 parts).
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp"] + (
@@ -152,6 +152,8 @@ def _register_python_parts() -> None:
     def _loss_setup(ctx, inputs, output) -> None:
         x, beta = inputs
         _, lme, v = output
+        ctx.mark_non_differentiable(lme, v)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, lme, v)
         ctx.beta = beta
 
@@ -164,15 +166,38 @@ def _register_python_parts() -> None:
     lib.register_autograd(f"{OP_NAMESPACE}::filter_loss_forward", _loss_backward, setup_context=_loss_setup)
 
     def _loss_grad_setup(ctx, inputs, output) -> None:
-        x, _ = inputs
-        ctx.save_for_backward(output[1])  # dloss/dx: neither x nor the statistics are kept
-        ctx.input_dtype = x.dtype
+        x, beta = inputs
+        dloss_dx = output[1]
+        ctx.mark_non_differentiable(dloss_dx)
+        ctx.set_materialize_grads(False)  # else autograd passes a map of zeros as dloss_dx's gradient
+        ctx.beta, ctx.input_dtype = beta, x.dtype
+        if type(dloss_dx) is torch.Tensor:
+            # Eager: dloss/dx is held as a plain attribute, not a saved tensor, so that the first backward pass may
+            # scale it in place (no second map-sized allocation); x is saved for any later backward pass through
+            # the same graph (retain_graph=True, gradcheck), which recomputes the gradient from it.
+            ctx.save_for_backward(x)
+            ctx.dloss_dx = dloss_dx.detach()
+        else:  # traced (torch.compile, FakeTensor): a saved tensor, scaled out of place
+            ctx.save_for_backward(x, dloss_dx)
+            ctx.dloss_dx = None
+        ctx.consumed = False
 
     def _loss_grad_backward(ctx, grad_loss, grad_dloss_dx):
-        (dloss_dx,) = ctx.saved_tensors
         if grad_loss is None:
             return None, None
-        return torch.ops.fastexplain.filter_loss_backward_from_grad(grad_loss, dloss_dx, ctx.input_dtype), None
+        ops = torch.ops.fastexplain
+        saved = ctx.saved_tensors
+        if ctx.consumed or (torch.is_grad_enabled() and ctx.dloss_dx is not None):
+            # A second backward pass (the first scaled the gradient in place), or create_graph=True in eager mode:
+            # recompute from x, through the op whose own derivative raises.
+            x = saved[0]
+            _, lme, v = ops.filter_loss_forward(x, ctx.beta)
+            return ops.filter_loss_backward(grad_loss, x, lme, v, ctx.beta), None
+        dloss_dx = ctx.dloss_dx if ctx.dloss_dx is not None else saved[1]
+        if ctx.dloss_dx is None or dloss_dx.dtype != ctx.input_dtype:  # traced, or fp16/bf16 input: out of place
+            return ops.filter_loss_backward_from_grad(grad_loss, dloss_dx, ctx.input_dtype), None
+        ctx.consumed, ctx.dloss_dx = True, None
+        return dloss_dx.mul_(grad_loss.to(dloss_dx.dtype).reshape(1, -1, 1, 1)), None
 
     lib.register_autograd(f"{OP_NAMESPACE}::filter_loss_forward_grad", _loss_grad_backward,
                           setup_context=_loss_grad_setup)
