@@ -201,59 +201,80 @@ F entropy_term_scalar(F u) {
   return entropy_term(u, static_cast<F>(std::expm1(u)));
 }
 
-// One template's statistics for float32 rows (the loop body of filter_forward, written on 16-float vectors with the
-// same operations per lane): centre = mean_b s (+ shift), u = (s − centre) − log1p(M), w = expm1(u); returns Σ_b f(u).
-inline float forward_template_float(float* __restrict u, float* __restrict w, int64_t B, float inv_B,
-                                    float& centre_out, float& log_mean_out) {
+// Up to 16 templates' statistics for float32 rows (the loop body of filter_forward, on 16-float vectors with the
+// same operations per lane as the generic loop): per template, centre = mean_b s (+ shift) and the mean of
+// E = expm1(s − centre); then the block's 16 log1p(mean E) in one vector (log1p16); then per template
+// u = (s − centre) − log1p(M), w = expm1(u) = (E − M)/(1 + M) and Σ_b f(u) into entropy[j]; in the same pass the
+// per-image mixture Σ_t p_t w and max_t u accumulate (priors[j] is template j's prior).
+inline void forward_block_float(float* __restrict u_rows, float* __restrict w_rows, int64_t B, int64_t count,
+                                float inv_B, const float* priors, float* centre_out, float* log_mean_out,
+                                float* entropy, float* __restrict mixture, float* __restrict max_u) {
   const int64_t full = B / 16 * 16;
-  Float16 sums = Float16{}, maxima = splat16(-INFINITY);
-  for (int64_t b = 0; b < full; b += 16) {
-    const Float16 x = load16(u + b);
-    sums += x;
-    maxima = x > maxima ? x : maxima;
+  alignas(64) float mean_expm1[16] = {};  // lanes past count stay 0: log1p(0) = 0
+  for (int64_t j = 0; j < count; ++j) {
+    float* __restrict u = u_rows + j * B;  // holds s on entry
+    float* __restrict w = w_rows + j * B;
+    Float16 sums = Float16{}, maxima = splat16(-INFINITY);
+    for (int64_t b = 0; b < full; b += 16) {
+      const Float16 x = load16(u + b);
+      sums += x;
+      maxima = x > maxima ? x : maxima;
+    }
+    float total = full ? sum16(sums) : 0.0f, largest = full ? max16(maxima) : -INFINITY;
+    for (int64_t b = full; b < B; ++b) {
+      total += u[b];
+      largest = std::max(largest, u[b]);
+    }
+    const float mean = total * inv_B;
+    const float shift = std::max((largest - mean) - static_cast<float>(kSafeSpread), 0.0f);
+    const float centre = mean + shift;
+    Float16 expm1_sums = Float16{};
+    for (int64_t b = 0; b < full; b += 16) {
+      const Float16 a = load16(u + b) - centre;
+      const Float16 e = expm1_16(a);
+      store16(u + b, a);
+      store16(w + b, e);
+      expm1_sums += e;
+    }
+    float sum_expm1 = full ? sum16(expm1_sums) : 0.0f;
+    for (int64_t b = full; b < B; ++b) {
+      u[b] -= centre;
+      w[b] = expm1_vec(u[b]);
+      sum_expm1 += w[b];
+    }
+    centre_out[j] = centre;
+    mean_expm1[j] = sum_expm1 * inv_B;
   }
-  float total = full ? sum16(sums) : 0.0f, largest = full ? max16(maxima) : -INFINITY;
-  for (int64_t b = full; b < B; ++b) {
-    total += u[b];
-    largest = std::max(largest, u[b]);
+  const Float16 means = load16(mean_expm1);
+  alignas(64) float log_means[16], inv_norms[16];
+  store16(log_means, log1p16(means));
+  store16(inv_norms, 1.0f / (1.0f + means));
+  for (int64_t j = 0; j < count; ++j) {
+    float* __restrict u = u_rows + j * B;
+    float* __restrict w = w_rows + j * B;
+    const float log_mean = log_means[j], inv_norm = inv_norms[j], mean = mean_expm1[j], prior = priors[j];
+    log_mean_out[j] = log_mean;
+    Float16 entropies = Float16{};
+    for (int64_t b = 0; b < full; b += 16) {
+      const Float16 uu = load16(u + b) - log_mean;
+      const Float16 ww = (load16(w + b) - mean) * inv_norm;
+      store16(u + b, uu);
+      store16(w + b, ww);
+      entropies += entropy_term16(uu, ww);
+      store16(mixture + b, load16(mixture + b) + prior * ww);
+      const Float16 largest = load16(max_u + b);
+      store16(max_u + b, uu > largest ? uu : largest);
+    }
+    float total = full ? sum16(entropies) : 0.0f;
+    for (int64_t b = full; b < B; ++b) {
+      u[b] -= log_mean;
+      w[b] = (w[b] - mean) * inv_norm;
+      total += entropy_term(u[b], w[b]);
+      mixture[b] += prior * w[b];
+      max_u[b] = std::max(max_u[b], u[b]);
+    }
+    entropy[j] = total;
   }
-  const float mean = total * inv_B;
-  const float shift = std::max((largest - mean) - static_cast<float>(kSafeSpread), 0.0f);
-  const float centre = mean + shift;
-  Float16 expm1_sums = Float16{};
-  for (int64_t b = 0; b < full; b += 16) {
-    const Float16 a = load16(u + b) - centre;
-    const Float16 e = expm1_16(a);
-    store16(u + b, a);
-    store16(w + b, e);
-    expm1_sums += e;
-  }
-  float sum_expm1 = full ? sum16(expm1_sums) : 0.0f;
-  for (int64_t b = full; b < B; ++b) {
-    u[b] -= centre;
-    w[b] = expm1_vec(u[b]);
-    sum_expm1 += w[b];
-  }
-  const float mean_expm1 = sum_expm1 * inv_B;
-  const float log_mean = std::log1p(mean_expm1);
-  const float inv_norm = 1.0f / (1.0f + mean_expm1);
-  centre_out = centre;
-  log_mean_out = log_mean;
-  Float16 entropies = Float16{};
-  for (int64_t b = 0; b < full; b += 16) {
-    const Float16 uu = load16(u + b) - log_mean;
-    const Float16 ww = (load16(w + b) - mean_expm1) * inv_norm;
-    store16(u + b, uu);
-    store16(w + b, ww);
-    entropies += entropy_term16(uu, ww);
-  }
-  float entropy = full ? sum16(entropies) : 0.0f;
-  for (int64_t b = full; b < B; ++b) {
-    u[b] -= log_mean;
-    w[b] = (w[b] - mean_expm1) * inv_norm;
-    entropy += entropy_term(u[b], w[b]);
-  }
-  return entropy;
 }
 
 // One filter's −MI; leaves u = log(B·q) and w = expm1(u) in the workspace, the two parts of lme_t
@@ -264,13 +285,27 @@ F filter_forward(const LossGeometry& g, Workspace<F>& ws, F* lme, F* v) {
   const F inv_B = F(1) / static_cast<F>(B);
   template_logits(g, ws, ws.u.data());
   double conditional = 0.0;
-  for (int64_t t = 0; t < g.T; ++t) {
-    F* __restrict u = ws.u.data() + t * B;  // holds s on entry
-    F* __restrict w = ws.w.data() + t * B;
-    F entropy;
-    if constexpr (std::is_same_v<F, float>) {
-      entropy = forward_template_float(u, w, B, inv_B, lme[t], lme[g.T + t]);
-    } else {
+  // v[b] = log Σ_t p_t e^u = log1p(Σ_t p_t w), shifted by max_t u when that is below −1 (reference.log_mixture).
+  F* __restrict mixture = ws.row.data();
+  std::vector<F> max_u(B, -INFINITY);
+  for (int64_t b = 0; b < B; ++b) mixture[b] = F(0);
+  if constexpr (std::is_same_v<F, float>) {
+    for (int64_t t0 = 0; t0 < g.T; t0 += 16) {
+      const int64_t count = std::min<int64_t>(16, g.T - t0);
+      float entropy[16], priors[16];
+      for (int64_t j = 0; j < count; ++j)
+        priors[j] = static_cast<float>(t0 + j == 0 ? g.prior_negative : g.prior_positive);
+      forward_block_float(ws.u.data() + t0 * B, ws.w.data() + t0 * B, B, count, inv_B, priors, lme + t0,
+                          lme + g.T + t0, entropy, mixture, max_u.data());
+      for (int64_t j = 0; j < count; ++j) {
+        const double prior = t0 + j == 0 ? g.prior_negative : g.prior_positive;
+        conditional += prior * static_cast<double>(entropy[j] * inv_B);
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < g.T; ++t) {
+      F* __restrict u = ws.u.data() + t * B;  // holds s on entry
+      F* __restrict w = ws.w.data() + t * B;
       F total = F(0);
       #pragma omp simd reduction(+ : total)
       for (int64_t b = 0; b < B; ++b) total += u[b];
@@ -292,32 +327,35 @@ F filter_forward(const LossGeometry& g, Workspace<F>& ws, F* lme, F* v) {
       const F inv_norm = F(1) / (F(1) + mean_expm1);
       lme[t] = centre;  // lme_t = centre + log_mean, kept in two parts so the backward pass rebuilds u bit for bit
       lme[g.T + t] = log_mean;
-      entropy = F(0);
+      F entropy = F(0);
       #pragma omp simd reduction(+ : entropy)
       for (int64_t b = 0; b < B; ++b) {
         u[b] -= log_mean;                            // u = s − lme
         w[b] = (w[b] - mean_expm1) * inv_norm;       // expm1(u) = (e^a − 1 − M) / (1 + M)
         entropy += entropy_term(u[b], w[b]);
       }
-    }
-    const double prior = t == 0 ? g.prior_negative : g.prior_positive;
-    conditional += prior * static_cast<double>(entropy * inv_B);
-  }
-  // v[b] = log Σ_t p_t e^u = log1p(Σ_t p_t w), shifted by max_t u when that is below −1 (reference.log_mixture).
-  F* __restrict mixture = ws.row.data();
-  std::vector<F> max_u(B, -INFINITY);
-  for (int64_t b = 0; b < B; ++b) mixture[b] = F(0);
-  for (int64_t t = 0; t < g.T; ++t) {
-    const F prior = static_cast<F>(t == 0 ? g.prior_negative : g.prior_positive);
-    const F* __restrict u = ws.u.data() + t * B;
-    const F* __restrict w = ws.w.data() + t * B;
-    for (int64_t b = 0; b < B; ++b) {
-      mixture[b] += prior * w[b];
-      max_u[b] = std::max(max_u[b], u[b]);
+      const double prior = t == 0 ? g.prior_negative : g.prior_positive;
+      conditional += prior * static_cast<double>(entropy * inv_B);
+      const F prior_f = static_cast<F>(prior);
+      for (int64_t b = 0; b < B; ++b) {
+        mixture[b] += prior_f * w[b];
+        max_u[b] = std::max(max_u[b], u[b]);
+      }
     }
   }
   double marginal = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
+  int64_t b0 = 0;
+  if constexpr (std::is_same_v<F, float>) {  // 16 images at a time; an image no template finds likely goes below
+    for (; b0 + 16 <= B; b0 += 16) {
+      if (any_lanes16(load16(max_u.data() + b0) < -1.0f)) break;
+      const Float16 vv = log1p16(load16(mixture + b0));
+      store16(v + b0, vv);
+      float terms[16];
+      store16(terms, entropy_term16(vv, expm1_16(vv)));
+      for (int l = 0; l < 16; ++l) marginal += static_cast<double>(terms[l]);
+    }
+  }
+  for (int64_t b = b0; b < B; ++b) {
     if (max_u[b] < F(-1)) {
       F shifted = F(0);
       for (int64_t t = 0; t < g.T; ++t)
