@@ -31,7 +31,7 @@ EXTENSION_BASENAME = "fastexplain_cpu"
 OP_NAMESPACE = "fastexplain"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE_FILES = ("schema.cpp", "filter_loss.cpp", "template_mask.cpp", "filter_loss_local.cpp")
-HEADER_FILES = ("kernel_math.h",)
+HEADER_FILES = ("kernel_math.h", "filter_loss_forward.h", "filter_loss_gradient.h")
 # -march=native: the build runs on the machine that uses it (and the cache name carries the CPU's hash);
 # on x86 let GCC use 512-bit vectors where the CPU has them (it defaults to 256-bit even on AVX-512 parts).
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp"] + (
