@@ -496,3 +496,22 @@ def test_gpu_script_smoke_run_checks_every_kernel_and_writes_its_report(tmp_path
     for kernel in ("triton_dense_ieee", "triton_gemm", "triton_pyramid", "pyramid_correlate_float64", "mask_centroid_relu0_tau"):
         assert checks[kernel]["ok"], checks[kernel]
     assert "Checks" in report_path.with_suffix(".md").read_text()
+
+
+def test_second_derivatives_raise_for_the_loss_and_work_for_the_mask():
+    """Differentiating the backward ops: the loss's raise (PyTorch's fallback would return silent zeros), the
+    mask's backward is its own derivative and matches the reference."""
+    for form in triton_forms.FORMS:  # the dense kernels and the materialised-logits forms
+        x = _maps((3, 2, 4, 5), seed=7).requires_grad_()
+        with triton_forms.use_form(form):
+            (dx,) = torch.autograd.grad(filter_loss(x, backend="triton"), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(dx.square().sum(), x)
+    x = (_maps((2, 3, 4, 5), seed=8) - 0.5).requires_grad_()
+    second = []
+    for backend in ("triton", "reference"):
+        (dx,) = torch.autograd.grad(relu_template_mask(x, backend=backend).square().sum(), x, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.sum(), x)
+        second.append(ddx.double().cpu())
+    assert second[1].abs().max() > 0
+    torch.testing.assert_close(second[0], second[1])
