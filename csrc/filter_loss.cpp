@@ -31,6 +31,41 @@ const char* kNegative =
     "filter_loss: the input has negative values, but the filter loss is defined on post-ReLU feature maps "
     "(x ≥ 0); apply torch.relu first";
 
+// The loop of the forward drivers: every filter's maps are gathered, centred and checked, a thread-local workspace
+// per at::parallel_for chunk. A filter whose logits can exceed kWideLogitBound goes to on_wide(c, double workspace)
+// with its maps gathered again in double, the others to on_float(c, workspace). NaN/Inf and negative values
+// raise after the loop (NaN first, as in the reference).
+template <typename F, typename scalar_t, typename OnFloat, typename OnWide>
+void for_each_checked_filter(const scalar_t* x_data, const LossGeometry& g, const PyramidPlan& plan,
+                             OnFloat on_float, OnWide on_wide) {
+  std::atomic<bool> any_nonfinite{false}, any_negative{false};
+  const double wide_bound = wide_logit_bound();
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    Workspace<F> ws(g, plan);
+    WideFilter wide;
+    for (int64_t c = begin; c < end; ++c) {
+      bool nonfinite = false, negative = false;
+      if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
+      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
+                          negative);
+      if (nonfinite || negative) {
+        if (nonfinite) any_nonfinite = true;
+        if (negative) any_negative = true;
+        continue;
+      }
+      if constexpr (!std::is_same_v<F, double>) {
+        if (logit_bound(g, ws.maps.data()) > wide_bound) {
+          on_wide(c, wide.gather(x_data, g, plan, c, nonfinite, negative));
+          continue;
+        }
+      }
+      on_float(c, ws);
+    }
+  });
+  TORCH_CHECK_VALUE(!any_nonfinite.load(), kNonfinite);
+  TORCH_CHECK_VALUE(!any_negative.load(), kNegative);
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x, double beta) {
   using F = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -44,42 +79,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& x
   F* loss_data = loss.data_ptr<F>();
   F* lme_data = lme.data_ptr<F>();
   F* v_data = v.data_ptr<F>();
-  std::atomic<bool> any_nonfinite{false}, any_negative{false};
-  const double wide_bound = wide_logit_bound();
-  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-    Workspace<F> ws(g, plan);
-    WideFilter wide;  // large-scale float filters are computed in double
-    for (int64_t c = begin; c < end; ++c) {
-      bool nonfinite = false, negative = false;
-      if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
-      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
-                          negative);
-      if (nonfinite || negative) {
-        if (nonfinite) any_nonfinite = true;
-        if (negative) any_negative = true;
-        continue;
-      }
-      if constexpr (!std::is_same_v<F, double>) {
-        if (logit_bound(g, ws.maps.data()) > wide_bound) {
-          Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
-          loss_data[c] = static_cast<F>(filter_forward(g, wide_ws, wide.lme.data(), wide.v.data()));
-          // lme_t = centre + log_mean is saved as two floats: the rounded centre, and log_mean plus the centre's
-          // rounding residue, so that the backward pass rebuilds u = (s − lme0) − lme1 in double to ~1e-7 of |lme1|.
-          for (int64_t t = 0; t < g.T; ++t) {
-            const F high = static_cast<F>(wide.lme[t]);
-            lme_data[c * 2 * g.T + t] = high;
-            lme_data[c * 2 * g.T + g.T + t] =
-                static_cast<F>(wide.lme[g.T + t] + (wide.lme[t] - static_cast<double>(high)));
-          }
-          for (int64_t b = 0; b < g.B; ++b) v_data[c * g.B + b] = static_cast<F>(wide.v[b]);
-          continue;
+  for_each_checked_filter<F>(
+      x_data, g, plan, [&](int64_t c, Workspace<F>& ws) {
+        loss_data[c] = filter_forward(g, ws, lme_data + c * 2 * g.T, v_data + c * g.B);
+      },
+      [&](int64_t c, Workspace<double>& wide) {
+        loss_data[c] = static_cast<F>(filter_forward(g, wide, wide.lme.data(), wide.v.data()));
+        // lme_t = centre + log_mean is saved as two floats: the rounded centre, and log_mean plus the centre's
+        // rounding residue, so that the backward pass rebuilds u = (s − lme0) − lme1 in double to ~1e-7 of |lme1|.
+        for (int64_t t = 0; t < g.T; ++t) {
+          const F high = static_cast<F>(wide.lme[t]);
+          lme_data[c * 2 * g.T + t] = high;
+          lme_data[c * 2 * g.T + g.T + t] =
+              static_cast<F>(wide.lme[g.T + t] + (wide.lme[t] - static_cast<double>(high)));
         }
-      }
-      loss_data[c] = filter_forward(g, ws, lme_data + c * 2 * g.T, v_data + c * g.B);
-    }
-  });
-  TORCH_CHECK_VALUE(!any_nonfinite.load(), kNonfinite);
-  TORCH_CHECK_VALUE(!any_negative.load(), kNegative);
+        for (int64_t b = 0; b < g.B; ++b) v_data[c * g.B + b] = static_cast<F>(wide.v[b]);
+      });
   return {loss, lme, v};
 }
 
@@ -111,9 +126,9 @@ at::Tensor backward_typed(const at::Tensor& grad, const at::Tensor& x, const at:
       if constexpr (!std::is_same_v<F, double>) {
         if (logit_bound(g, ws.maps.data()) > wide_bound) {  // the forward pass's decision, from the same values
           Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
-          for (int64_t t = 0; t < 2 * g.T; ++t) wide.lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
-          for (int64_t b = 0; b < g.B; ++b) wide.v[b] = static_cast<double>(v_data[c * g.B + b]);
-          filter_gradient<false>(g, wide_ws, static_cast<double>(grad_data[c]), wide.lme.data(), wide.v.data(),
+          for (int64_t t = 0; t < 2 * g.T; ++t) wide_ws.lme[t] = static_cast<double>(lme_data[c * 2 * g.T + t]);
+          for (int64_t b = 0; b < g.B; ++b) wide_ws.v[b] = static_cast<double>(v_data[c * g.B + b]);
+          filter_gradient<false>(g, wide_ws, static_cast<double>(grad_data[c]), wide_ws.lme.data(), wide_ws.v.data(),
                                  dx_data, c);
           continue;
         }
@@ -140,36 +155,15 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_typed(const at::Tensor& x, doubl
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   F* loss_data = loss.data_ptr<F>();
   F* dx_data = dloss_dx.data_ptr<F>();
-  std::atomic<bool> any_nonfinite{false}, any_negative{false};
-  const double wide_bound = wide_logit_bound();
-  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-    Workspace<F> ws(g, plan);
-    WideFilter wide;  // large-scale float filters are computed in double (see kWideLogitBound)
-    std::vector<F> lme(2 * g.T), v(g.B);
-    for (int64_t c = begin; c < end; ++c) {
-      bool nonfinite = false, negative = false;
-      if (c + 1 < end) prefetch_maps(x_data, g, c + 1);
-      gather_centred_maps(x_data, g, c, ws.pyramid.data(), ws.image_rows.data(), ws.maps.data(), true, nonfinite,
-                          negative);
-      if (nonfinite || negative) {
-        if (nonfinite) any_nonfinite = true;
-        if (negative) any_negative = true;
-        continue;
-      }
-      if constexpr (!std::is_same_v<F, double>) {
-        if (logit_bound(g, ws.maps.data()) > wide_bound) {
-          Workspace<double>& wide_ws = wide.gather(x_data, g, plan, c, nonfinite, negative);
-          loss_data[c] = static_cast<F>(filter_forward(g, wide_ws, wide.lme.data(), wide.v.data()));
-          filter_gradient<true>(g, wide_ws, 1.0, wide.lme.data(), wide.v.data(), dx_data, c);
-          continue;
-        }
-      }
-      loss_data[c] = filter_forward(g, ws, lme.data(), v.data());
-      filter_gradient<true>(g, ws, F(1), lme.data(), v.data(), dx_data, c);
-    }
-  });
-  TORCH_CHECK_VALUE(!any_nonfinite.load(), kNonfinite);
-  TORCH_CHECK_VALUE(!any_negative.load(), kNegative);
+  for_each_checked_filter<F>(
+      x_data, g, plan, [&](int64_t c, Workspace<F>& ws) {
+        loss_data[c] = filter_forward(g, ws, ws.lme.data(), ws.v.data());
+        filter_gradient<true>(g, ws, F(1), ws.lme.data(), ws.v.data(), dx_data, c);
+      },
+      [&](int64_t c, Workspace<double>& wide) {
+        loss_data[c] = static_cast<F>(filter_forward(g, wide, wide.lme.data(), wide.v.data()));
+        filter_gradient<true>(g, wide, 1.0, wide.lme.data(), wide.v.data(), dx_data, c);
+      });
   return {loss, dloss_dx};
 }
 

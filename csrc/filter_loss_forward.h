@@ -47,11 +47,12 @@ struct LossGeometry {
 template <typename F>
 struct Workspace {
   std::vector<F> maps, pyramid, u, w, row;
+  std::vector<F> lme, v;  // one filter's statistics, for passes that do not keep them in an output
   std::vector<const F*> image_rows;
   PyramidCorrelator<F> correlate;
   Workspace(const LossGeometry& g, const PyramidPlan& plan)
-      : maps(g.HW * g.B), pyramid(g.HW * g.B), u(g.T * g.B), w(g.T * g.B), row(g.B), image_rows(g.B),
-        correlate(plan, g.B) {}
+      : maps(g.HW * g.B), pyramid(g.HW * g.B), u(g.T * g.B), w(g.T * g.B), row(g.B), lme(2 * g.T), v(g.B),
+        image_rows(g.B), correlate(plan, g.B) {}
 };
 
 // maps[i][b] = x[b, c, i] − mean_b x[b, c, i] in the compute type; with check, flags NaN/Inf and negative values.
@@ -151,18 +152,14 @@ void gather_centred_maps(const scalar_t* x, const LossGeometry& g, int64_t c, F*
 // Logits s[t][b] = Σ_i x_b(i)·T_t(i) = τ·(−S_b + (β/n)·pyramid[t−1][b]) (0 for t = 0 … τ·(−S_b)), into s.
 // The double-precision workspace of float filters whose logits are too large for float32 (made on first use, one
 // per thread): the filter's maps gathered again in double, with its per-template and per-image statistics.
+// Its statistics go to the workspace's lme and v.
 struct WideFilter {
   std::unique_ptr<Workspace<double>> ws;
-  std::vector<double> lme, v;
 
   template <typename scalar_t>
   Workspace<double>& gather(const scalar_t* x_data, const LossGeometry& g, const PyramidPlan& plan, int64_t c,
                             bool& nonfinite, bool& negative) {
-    if (!ws) {
-      ws = std::make_unique<Workspace<double>>(g, plan);
-      lme.resize(2 * g.T);
-      v.resize(g.B);
-    }
+    if (!ws) ws = std::make_unique<Workspace<double>>(g, plan);
     gather_centred_maps(x_data, g, c, ws->pyramid.data(), ws->image_rows.data(), ws->maps.data(), false, nonfinite,
                         negative);
     return *ws;
