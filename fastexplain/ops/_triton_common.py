@@ -33,17 +33,3 @@ def register_kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callab
         return op
     return decorate
 
-
-def forbid_second_derivative(op) -> None:
-    """Make a backward op raise when differentiated (a backward pass through create_graph=True's gradient).
-
-    Without an autograd formula PyTorch only warns and returns zero second derivatives, silently wrong.
-    """
-    def setup(ctx, inputs, output) -> None:
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError("filter_loss: the 'triton' backend has no second derivative (a backward pass through "
-                           "create_graph=True's gradient); use backend='reference' for double backward")
-
-    op.register_autograd(backward, setup_context=setup)

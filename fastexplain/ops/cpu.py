@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .reference import compute_dtype
 from ._registry import Backend, BackendUnavailable
+from ._second_derivatives import forbid_second_derivative, register_as_own_derivative
 
 EXTENSION_BASENAME = "fastexplain_cpu"
 OP_NAMESPACE = "fastexplain"
@@ -202,18 +203,8 @@ def _register_python_parts() -> None:
     lib.register_autograd(f"{OP_NAMESPACE}::filter_loss_forward_grad", _loss_grad_backward,
                           setup_context=_loss_grad_setup)
 
-    # The backward ops have no derivative of their own: differentiating through them (create_graph=True, then a
-    # second backward) raises instead of PyTorch's default for such ops, a warning and silently zero second
-    # derivatives.
-    def _no_setup(ctx, inputs, output) -> None:
-        pass
-
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError("filter_loss: the 'cpu' backend has no second derivative (a backward pass through "
-                           "create_graph=True's gradient); use backend='reference' for double backward")
-
     for name in ("filter_loss_backward", "filter_loss_backward_from_grad"):
-        lib.register_autograd(f"{OP_NAMESPACE}::{name}", _no_double_backward, setup_context=_no_setup)
+        forbid_second_derivative(f"{OP_NAMESPACE}::{name}", "cpu")
 
     def _mask_setup(ctx, inputs, output) -> None:
         x, beta, center, tau_scale, relu = inputs
@@ -244,22 +235,8 @@ def _register_python_parts() -> None:
     lib.register_autograd(f"{OP_NAMESPACE}::template_mask_forward_bits", _mask_bits_backward,
                           setup_context=_mask_bits_setup)
 
-    # The mask's backward passes are linear in grad_y and piecewise constant in x (the mask is a constant for
-    # autograd), so their own derivative is the same op applied to the incoming gradient: double backward works.
-    def _mask_backward_setup(ctx, inputs, output) -> None:
-        ctx.inputs = inputs[1:]
-
-    def _mask_backward_backward(ctx, grad_grad):
-        return (torch.ops.fastexplain.template_mask_backward(grad_grad, *ctx.inputs),) + (None,) * len(ctx.inputs)
-
-    lib.register_autograd(f"{OP_NAMESPACE}::template_mask_backward", _mask_backward_backward,
-                          setup_context=_mask_backward_setup)
-
-    def _mask_bits_backward_backward(ctx, grad_grad):
-        return (torch.ops.fastexplain.template_mask_backward_bits(grad_grad, *ctx.inputs),) + (None,) * len(ctx.inputs)
-
-    lib.register_autograd(f"{OP_NAMESPACE}::template_mask_backward_bits", _mask_bits_backward_backward,
-                          setup_context=_mask_backward_setup)
+    for op in (torch.ops.fastexplain.template_mask_backward, torch.ops.fastexplain.template_mask_backward_bits):
+        register_as_own_derivative(op.default)  # linear in grad_y: double backward through the mask works
     _registered = True
 
 

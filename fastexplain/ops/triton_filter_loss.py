@@ -32,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._triton_common import forbid_second_derivative, register_kernel_op
+from ._second_derivatives import forbid_second_derivative
+from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 
 _SAFE_SPREAD = tl.constexpr(30.0)  # same as reference.py: shift the log-mean-exp only when exp(s) could overflow
@@ -404,4 +405,4 @@ def _backward(ctx, grad_loss: Tensor | None, grad_lme: Tensor | None, grad_v: Te
 
 
 filter_loss_forward.register_autograd(_backward, setup_context=_setup_context)
-forbid_second_derivative(filter_loss_backward)
+forbid_second_derivative(filter_loss_backward, "triton")

@@ -32,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._triton_common import forbid_second_derivative, register_kernel_op
+from ._second_derivatives import forbid_second_derivative
+from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 from . import triton_filter_loss as dense
 from .triton_filter_loss import _SAFE_SPREAD, _entropy_term, _expm1, _log1p
@@ -228,7 +229,7 @@ def _mi_backward(ctx, grad_loss: Tensor | None, grad_lme: Tensor | None, grad_v:
 
 
 logits_mi_forward.register_autograd(_mi_backward, setup_context=_mi_setup)
-forbid_second_derivative(logits_mi_backward)
+forbid_second_derivative(logits_mi_backward, "triton")
 
 _TEMPLATE_CACHE: dict[tuple, Tensor] = {}
 

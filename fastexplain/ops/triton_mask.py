@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import reference
+from ._second_derivatives import register_as_own_derivative
 from ._triton_common import register_kernel_op
 
 # positions above which a map no longer fits in one program (peaks are then found first, see docstring)
@@ -201,20 +202,8 @@ def _backward(ctx, grad_y: Tensor | None, grad_peaks: Tensor | None):
 template_mask_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# The backward pass is linear in grad_y and piecewise constant in y (the mask is a constant for autograd), so its own
-# derivative is the same op applied to the incoming gradient: double backward works (PyTorch's default for an op
-# without a formula would be silent zeros).
-def _backward_setup(ctx, inputs, output) -> None:
-    ctx.inputs = inputs[1:]
-
-
-def _backward_backward(ctx, grad_grad: Tensor | None):
-    if grad_grad is None:
-        return None, None, None, None, None
-    return (template_mask_backward(grad_grad, *ctx.inputs),) + (None,) * len(ctx.inputs)
-
-
-template_mask_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
+# Linear in grad_y, piecewise constant in y (the mask is a constant for autograd): double backward works.
+register_as_own_derivative(template_mask_backward)
 
 
 def triton_template_mask(x: Tensor, beta: float, center: str, scale: str | None, relu: bool) -> Tensor:

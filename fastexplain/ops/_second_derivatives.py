@@ -1,0 +1,37 @@
+"""Second derivatives of the fused backends' backward ops (cpu.py and the Triton modules share these).
+
+A custom op without an autograd formula is differentiated by PyTorch's fallback, which warns and returns zero:
+a backward pass through a ``create_graph=True`` gradient would be silently wrong. Each backward op therefore
+gets a formula: the filter loss's raise (their second derivative is not implemented; the reference has it),
+the mask's are linear in their first argument (grad_y) and piecewise constant in the others, so they are
+their own derivative.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def forbid_second_derivative(op: Any, backend: str) -> None:
+    """Make ``op`` (a name, OpOverload or custom op) raise a one-line error when differentiated."""
+    def setup(ctx, inputs, output) -> None:
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"filter_loss: the {backend!r} backend has no second derivative (a backward pass "
+                           f"through create_graph=True's gradient); use backend='reference' for double backward")
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def register_as_own_derivative(op: Any) -> None:
+    """For an op linear in its first argument and piecewise constant in the rest: d op = op(d first, rest…)."""
+    def setup(ctx, inputs, output) -> None:
+        ctx.rest = inputs[1:]
+
+    def backward(ctx, grad):
+        nones = (None,) * len(ctx.rest)
+        return (None if grad is None else op(grad, *ctx.rest),) + nones
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
