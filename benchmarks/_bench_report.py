@@ -108,7 +108,15 @@ def _gpu_triton_section(results_dir: Path, md_path: Path) -> list[str]:
                      + (f" (graph {value['graph_forward_backward_ms']:.3g})" if "graph_forward_backward_ms" in value else "")
                      for name, value in timings.items()
                      if isinstance(value, dict) and "forward_backward_ms" in value and name != "mask_relu_triton"]
-            lines.append(f"  - {shape} forward + backward: " + "; ".join(cells))
+            if cells:
+                lines.append(f"  - {shape} forward + backward: " + "; ".join(cells))
+        timed = [row for row in report.get("fused_sweep", []) if "forward_backward_ms" in row]
+        if timed:
+            best = min(timed, key=lambda row: row["forward_backward_ms"])
+            lines.append(f"  - fused form's launch sweep ({len(timed)} settings timed): fastest "
+                         f"{best['forward_backward_ms']:.3g} ms eager with {best['precision']}, BLOCK_K {best['BLOCK_K']}, "
+                         f"BLOCK_I {best['BLOCK_I']}, {best['num_warps']} warps, {best.get('num_stages', '')} stage(s); "
+                         f"slowest {max(row['forward_backward_ms'] for row in timed):.3g} ms")
     if not lines:
         return []
     return ["## GPU: Triton kernels (`benchmarks/gpu_triton.py`, see docs/triton-kernels.md)", ""] + lines + [""]

@@ -67,6 +67,19 @@ def markdown(report: dict) -> str:
             slope = sweep["last_slope"].get(name)
             lines.append(f"| {name} | " + " | ".join(row) + f" | {slope:.2f} |" if slope is not None else
                          f"| {name} | " + " | ".join(row) + " | — |")
+    if report.get("fused_sweep"):
+        lines += ["", f"## Launch sweep of the fused form ({next(iter(report['shapes']))}, forward + backward)", "",
+                  "| precision | BLOCK_K | BLOCK_I | warps | stages | ok | eager | CUDA graph | errors (loss, grad) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in report["fused_sweep"]:
+            times = [f"{row[k]:.3g} ms" if k in row else row.get("skipped", row.get("error", "—"))[:60]
+                     for k in ("forward_backward_ms", "graph_forward_backward_ms")]
+            errors = (f"{row['loss_rel_error_vs_float64']:.1e}, {row['grad_rel_error_vs_float64']:.1e}"
+                      if "loss_rel_error_vs_float64" in row else "")
+            ok = "" if "ok" not in row else ("yes" if row["ok"] else "NO")
+            lines.append(f"| {row['precision']} | {row['BLOCK_K']} | {row['BLOCK_I']} | {row['num_warps']} | "
+                         f"{row.get('num_stages', '')} | {ok} | "
+                         f"{times[0]} | {times[1]} | {errors} |")
     if report.get("mi_sweep"):
         lines += ["", f"## Launch sweep of the gemm form's MI kernels ({next(iter(report['shapes']))})", "",
                   "| launch (triton_forms.MI_LAUNCH) | ok | forward | Ḡ + ∂s | errors (loss, ∂s) |", "|---|---|---|---|---|"]

@@ -8,7 +8,7 @@ Needs a CUDA device unless ``--smoke`` (tiny shapes on whatever device the Trito
 CPU interpreter without a GPU — to check that this script itself works; its times mean nothing).
 
 1. **Checks** (every kernel, before any timing), on every shape, against the float64 reference on the
-   same inputs: the filter loss in its dense form (fused kernels, each ``tl.dot`` precision in
+   same inputs: the filter loss in its fused form (where it fits) and its dense form (fused kernels, each ``tl.dot`` precision in
    --precisions) and its pyramid form (``triton_pyramid``, the large-n form), forward and backward — loss
    within 1e-4 of the largest value, gradient within 1e-4 of the largest value; the pyramid correlation
    op against the dense template product; the ReLU + mask and the mask, argmax and centroid, with and
@@ -26,11 +26,12 @@ CPU interpreter without a GPU — to check that this script itself works; its ti
    the slope of log time against log n between the last two sizes (goal for the Triton backend's
    automatic choice: ≤ 3 at n ≥ 28).
 
-5. **Launch sweep** of the gemm form's MI kernels (``triton_forms.MI_LAUNCH``: tiles and warps) at the first
+5. **Launch sweeps** of the fused form (``triton_fused.LAUNCH``: tiles, warps, stages, precision) and of the gemm
+   form's MI kernels (``triton_forms.MI_LAUNCH``: tiles and warps) at the first
    shape, each setting checked against float64 before it is timed (``--no-sweep`` skips it); and a profiler
    table of 10 forward + backward steps of the gemm form.
 
-Timing stops once ``--budget`` seconds have passed (the remaining entries say so); checks always run.
+``--forms`` and ``--skip`` narrow a run to fit a short lease. Timing stops once ``--budget`` seconds have passed (the remaining entries say so); checks always run.
 Results: ``<out>/gpu_triton_<device>.json`` and ``.md`` with the device name, versions and date. Only
 measured numbers are written; a step that fails records its error instead of a number.
 """
@@ -100,17 +101,33 @@ class Bench:
 
 # ------------------------------------------------------------------------------------------- variants
 def _triton_variant(form: str, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from fastexplain.ops import triton_filter_loss, triton_forms
+    from fastexplain.ops import triton_filter_loss, triton_forms, triton_fused
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        triton_filter_loss.DOT_PRECISION = precision
+        triton_filter_loss.DOT_PRECISION = triton_fused.DOT_PRECISION = precision
         with triton_forms.use_form(form):
             return triton_forms.triton_filter_loss(x, BETA)
     return run
 
 
-def triton_variants(precisions: list[str]) -> dict[str, Callable]:
-    variants = {f"triton_dense_{p}": _triton_variant("dense", p) for p in precisions}
+FORMS = ("fused", "dense", "gemm", "pyramid")
+
+
+def triton_variants(precisions: list[str], shape: tuple[int, ...] | None = None,
+                    forms: tuple[str, ...] = FORMS) -> dict[str, Callable]:
+    """The Triton forms to check and time; the fused form only on shapes it takes (``triton_fused.fits``)."""
+    from fastexplain.ops import triton_fused
+
+    return {name: fn for name, fn in _all_variants(precisions, shape).items() if name.split("_")[1] in forms}
+
+
+def _all_variants(precisions: list[str], shape: tuple[int, ...] | None) -> dict[str, Callable]:
+    from fastexplain.ops import triton_fused
+
+    variants = {}
+    if shape is None or triton_fused.fits(shape[0], shape[2], shape[3]):
+        variants.update({f"triton_fused_{p}": _triton_variant("fused", p) for p in precisions})
+    variants.update({f"triton_dense_{p}": _triton_variant("dense", p) for p in precisions})
     variants["triton_gemm"] = _triton_variant("gemm", "ieee")
     variants["triton_pyramid"] = _triton_variant("pyramid", "ieee")
     return variants
@@ -128,7 +145,8 @@ def baseline_variants(compile_: bool) -> dict[str, Callable]:
 
 
 # --------------------------------------------------------------------------------------------- checks
-def check_shape(shape: tuple[int, ...], device: str, precisions: list[str]) -> dict[str, dict]:
+def check_shape(shape: tuple[int, ...], device: str, precisions: list[str], forms: tuple[str, ...] = FORMS,
+                masks: bool = True) -> dict[str, dict]:
     """Every Triton kernel on this shape against the float64 reference (see the module docstring)."""
     from fastexplain.ops import reference, triton_mask, triton_pyramid
     from fastexplain.templates import part_templates
@@ -137,7 +155,7 @@ def check_shape(shape: tuple[int, ...], device: str, precisions: list[str]) -> d
     x = torch.relu(torch.randn(shape, generator=generator)).to(device)
     truth_loss, truth_grad = _loss_and_grad(lambda t: reference.filter_loss_per_filter(t, BETA), x.double())
     report: dict[str, dict] = {}
-    for name, fn in triton_variants(precisions).items():
+    for name, fn in triton_variants(precisions, shape, forms).items():
         try:
             loss, grad = _loss_and_grad(fn, x)
             loss_error, grad_error = _relative(loss, truth_loss), _relative(grad, truth_grad)
@@ -145,6 +163,8 @@ def check_shape(shape: tuple[int, ...], device: str, precisions: list[str]) -> d
                             "ok": loss_error <= 1e-4 and grad_error <= 1e-4 and bool(torch.isfinite(grad).all())}
         except Exception as error:  # a kernel that does not build or run here: recorded, not timed
             report[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+    if not masks:
+        return report
     B, C, H, W = shape
     maps = x[: min(B, 4), : min(C, 8)]
     radius = 2.0 * max(H, W) / BETA
@@ -328,6 +348,43 @@ def sweep_mi(shape: tuple[int, ...], device: str, bench: Bench, launches: tuple 
     return rows
 
 
+FUSED_SWEEP = tuple({"BLOCK_K": k, "BLOCK_I": i, "num_warps": w, "num_stages": st, "precision": p}
+                    for p in ("tf32x3", "ieee") for (k, i, w, st) in (
+                        (32, 64, 8, 1), (32, 64, 16, 1), (16, 32, 16, 1), (16, 32, 8, 1), (32, 32, 4, 1),
+                        (64, 64, 16, 1), (32, 64, 8, 2)))
+
+
+def sweep_fused(shape: tuple[int, ...], device: str, bench: Bench, launches: tuple = FUSED_SWEEP) -> list[dict]:
+    """The fused form under each launch (``triton_fused.LAUNCH`` and precision): checked against float64, then
+    timed forward + backward (eager and from a CUDA graph)."""
+    from fastexplain.ops import reference, triton_fused
+
+    if not triton_fused.fits(shape[0], shape[2], shape[3]):
+        return []
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(5))).to(device)
+    truth = _loss_and_grad(lambda t: reference.filter_loss_per_filter(t, BETA), x.double())
+    default, rows = dict(triton_fused.LAUNCH), []
+    for launch in launches:
+        row: dict[str, object] = dict(launch)
+        if not bench.left():
+            rows.append({**row, "skipped": "time budget spent"})
+            continue
+        triton_fused.LAUNCH.update({k: v for k, v in launch.items() if k != "precision"})
+        try:
+            fn = _triton_variant("fused", str(launch["precision"]))
+            row.update(_float32_error(fn, x, truth))
+            row["ok"] = row["loss_rel_error_vs_float64"] <= 1e-4 and row["grad_rel_error_vs_float64"] <= 1e-4
+            if row["ok"]:
+                row.update(_timings(bench, fn, x))
+        except Exception as error:
+            row.update(ok=False, error=f"{type(error).__name__}: {error}"[:300])
+        finally:
+            triton_fused.LAUNCH.clear()
+            triton_fused.LAUNCH.update(default)
+        rows.append(row)
+    return rows
+
+
 def profile(shape: tuple[int, ...], fn: Callable, rows: int = 14) -> str:
     """torch.profiler's table of device kernels for 10 forward + backward steps of ``fn`` (CUDA only)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -351,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=200.0, help="seconds after which timing stops (default 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(textbook) column")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device the backend runs on")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweep of the gemm form's MI kernels")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweeps (fused form, gemm's MI kernels)")
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="Triton forms to check and time")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["masks", "scaling", "mi_sweep", "profile"],
+                        help="parts to leave out (a short GPU lease)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -386,22 +446,27 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         key = "x".join(map(str, shape))
         try:
-            checks = check_shape(shape, device, args.precisions)
+            checks = check_shape(shape, device, args.precisions, tuple(args.forms), "masks" not in args.skip)
         except Exception:
             checks = {"check_shape": {"ok": False, "error": traceback.format_exc()[-500:]}}
         status |= int(not all(c["ok"] for c in checks.values()))
-        passing = {name: fn for name, fn in triton_variants(args.precisions).items() if checks.get(name, {}).get("ok")}
+        passing = {name: fn for name, fn in triton_variants(args.precisions, shape, tuple(args.forms)).items()
+                   if checks.get(name, {}).get("ok")}
         entry: dict[str, object] = {"checks": checks}
         entry["timings"] = time_shape(shape, device, bench, passing, baselines)
         report["shapes"][key] = entry  # type: ignore[index]
         print(f"{key}: checks {'ok' if all(c['ok'] for c in checks.values()) else 'FAILED'}", flush=True)
     if not args.no_sweep:  # before the scaling sweep: the budget ran out before it on the H200 (2026-11-28)
-        report["mi_sweep"] = sweep_mi(shapes[0], device, bench, MI_SWEEP if device == "cuda" else MI_SWEEP[:2])
-        status |= int(not all(row.get("ok", True) for row in report["mi_sweep"]))
-    report["scaling"] = scaling(device, bench, SMOKE_SCALING if args.smoke else SCALING)
-    if device == "cuda" and bench.left():
+        report["fused_sweep"] = sweep_fused(shapes[0], device, bench, FUSED_SWEEP if device == "cuda" else FUSED_SWEEP[:2])
+        status |= int(not all(row.get("ok", True) for row in report["fused_sweep"]))
+        if "mi_sweep" not in args.skip:
+            report["mi_sweep"] = sweep_mi(shapes[0], device, bench, MI_SWEEP if device == "cuda" else MI_SWEEP[:2])
+            status |= int(not all(row.get("ok", True) for row in report["mi_sweep"]))
+    if "scaling" not in args.skip:
+        report["scaling"] = scaling(device, bench, SMOKE_SCALING if args.smoke else SCALING)
+    if device == "cuda" and bench.left() and "profile" not in args.skip:
         try:
-            report["profile"] = profile(shapes[0], _triton_variant("gemm", "ieee"))
+            report["profile"] = profile(shapes[0], _triton_variant("auto", "ieee"))
         except Exception as error:
             report["profile"] = f"profiler failed: {type(error).__name__}: {error}"[:500]
     report["seconds"] = time.monotonic() - started

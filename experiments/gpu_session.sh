@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# One device-tool call (a lent GPU, ~6 min): the torch.compile probe of every Triton op and form, the 224-px
-# resnet18 explainer fits of issue 11 (a variant sweep: 2 performers × 2 fit seeds, 8 fits at once), then the
-# Triton benchmark of issue 12 item 6. Logs land in $OUT (few files: the device tool returns a limited number).
-# Used on an H200 on 2026-11-27 and 2026-11-28 (docs/triton-kernels.md, docs/diversity-experiments.md).
+# One device-tool call on a lent GPU. STAGES (default "tests bench") picks what runs, in this order:
+#   tests    the Triton filter-loss tests on the GPU (fused form, forms, torch.compile), ~2 min
+#   probe    torch.compile probe of every Triton op and form (experiments/gpu_compile_probe.py), ~1 min
+#   bench    benchmarks/gpu_triton.py: every kernel checked, then timed against the textbook form, ~3 min
+#   resnet   the 224-px resnet18 explainer fits of issue 11 (VARIANTS × 2 performers × 2 fit seeds), ~4 min
+# Logs land in $OUT (few files: the device tool returns at most 8). Used on an H200 on 2026-11-27, 2026-11-28 and
+# 2026-12-04 (docs/triton-kernels.md, docs/diversity-experiments.md).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
+STAGES=${STAGES:-tests bench}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version())"
   date -u; } 2>&1 | tee "$OUT/env.txt"
-timeout 90 python3 experiments/gpu_compile_probe.py > "$OUT/compile_probe.log" 2>&1
-echo "compile probe rc=$? at $SECONDS s"; grep -E "^(aot_eager|inductor)" "$OUT/compile_probe.log" | cut -c1-300
-VARIANTS=${VARIANTS:-'{"defaults": {}, "c1000": {"constellation_weight": 1000}, "c2500": {"constellation_weight": 2500}, "e12": {"epochs": 12}}'}
-timeout 250 python3 experiments/resnet224.py --out /tmp/r224 --budget 200 --seeds 0 1 --performer-seeds 0 1 \
-  --train-images 2000 --workers 14 --parallel 8 --variants "$VARIANTS" > "$OUT/resnet224.log" 2>&1
-echo "resnet224 rc=$? at $SECONDS s"; cp /tmp/r224/results.json "$OUT/resnet224_results.json" 2>/dev/null
-grep -v "^\s*$" "$OUT/resnet224.log" | grep -vi warn | tail -30
-timeout 150 python3 benchmarks/gpu_triton.py --budget 100 --out "$OUT" > "$OUT/gpu_triton.log" 2>&1
-echo "gpu_triton rc=$? at $SECONDS s"
-tail -30 "$OUT/gpu_triton.log"
+if [[ " $STAGES " == *" tests "* ]]; then
+  timeout ${TESTS_TIMEOUT:-170} python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_ops.py \
+    tests/test_triton_compile.py -k "${TESTS_FILTER:-fused or filter_loss or second_deriv or auto_form or compile}" \
+    > "$OUT/pytest_gpu.log" 2>&1
+  echo "tests rc=$? at $SECONDS s"; tail -15 "$OUT/pytest_gpu.log" | cut -c1-300
+fi
+if [[ " $STAGES " == *" probe "* ]]; then
+  timeout 90 python3 experiments/gpu_compile_probe.py > "$OUT/compile_probe.log" 2>&1
+  echo "compile probe rc=$? at $SECONDS s"; grep -E "^(aot_eager|inductor)" "$OUT/compile_probe.log" | cut -c1-300
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  timeout ${BENCH_TIMEOUT:-220} python3 benchmarks/gpu_triton.py --budget ${BENCH_BUDGET:-90} --out "$OUT" ${BENCH_ARGS:-} > "$OUT/gpu_triton.log" 2>&1
+  echo "gpu_triton rc=$? at $SECONDS s"
+  grep -v "^\s*$" "$OUT/gpu_triton.log" | tail -60 | cut -c1-400
+fi
+if [[ " $STAGES " == *" resnet "* ]]; then
+  VARIANTS=${VARIANTS:-'{"defaults": {}, "e12": {"epochs": 12}}'}
+  timeout ${RESNET_TIMEOUT:-250} python3 experiments/resnet224.py --out /tmp/r224 --budget ${RESNET_BUDGET:-200} \
+    --seeds 0 1 --performer-seeds 0 1 --train-images 2000 --workers 14 --parallel 8 --variants "$VARIANTS" \
+    > "$OUT/resnet224.log" 2>&1
+  echo "resnet224 rc=$? at $SECONDS s"; cp /tmp/r224/results.json "$OUT/resnet224_results.json" 2>/dev/null
+  grep -v "^\s*$" "$OUT/resnet224.log" | grep -vi warn | tail -30
+fi

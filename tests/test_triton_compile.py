@@ -26,7 +26,7 @@ def _maps(shape, seed=0) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64).to(DEVICE)
 
 
-@pytest.mark.parametrize("form", ["auto", "gemm", "pyramid"])
+@pytest.mark.parametrize("form", ["auto", "fused", "dense", "gemm", "pyramid"])
 def test_torch_compile_runs_the_ops_forward_and_backward(form):
     """Under the interpreter the ops are opaque custom ops (torch cannot trace interpreter kernels); on a
     GPU they are triton_ops that torch.compile traces down to the kernels. Every form: the pyramid op's
@@ -53,6 +53,7 @@ _BUILD_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fastexplain.ops import triton_filter_loss as loss, triton_forms as forms, triton_mask as mask, triton_pyramid as pyramid
+    from fastexplain.ops import triton_fused as fused
 
     def build(fn, pointers, constants, beta="fp32"):
         signature = {name: "constexpr" if name in constants else pointers.get(name, "*fp32")
@@ -86,6 +87,10 @@ _BUILD_SCRIPT = textwrap.dedent("""
     build(mask._mask_backward_kernel, {"peak_ptr": "*i32"}, mask_flags, beta="fp64")
     build(pyramid._pyramid_kernel, {"src_ptr": "*fp64", "out_ptr": "*fp64", "f_ptr": "*fp64"},
           dict(BLOCK_M=16, BLOCK_W=64, IS_FP64=True))
+    fused_flags = dict(BLOCK_B=32, BLOCK_T=256, BLOCK_K=16, BLOCK_I=32, WITH_GRAD=True, IS_FP64=False,
+                       PRECISION="ieee")
+    build(fused._forward_grad_kernel, {"x_ptr": "*bf16"}, fused_flags)
+    build(fused._forward_grad_kernel, {}, dict(fused_flags, WITH_GRAD=False, PRECISION="tf32x3"))
     print("built")
 """)
 
@@ -106,7 +111,9 @@ def test_kernel_sources_need_nothing_but_triton():
     kernels = (JITFunction, InterpretedFunction, ConstexprFunction)  # triton.jit gives the second under the interpreter
     allowed_modules = {triton, triton.language}
     checked = 0
-    for module in (triton_filter_loss, triton_forms, triton_mask, pyramid_module):
+    from fastexplain.ops import triton_fused as fused_module
+
+    for module in (triton_filter_loss, triton_forms, triton_mask, pyramid_module, fused_module):
         for name, value in vars(module).items():
             if not isinstance(value, kernels) or value.fn.__module__ != module.__name__:
                 continue
@@ -123,7 +130,7 @@ def test_kernel_sources_need_nothing_but_triton():
                 if isinstance(value, ConstexprFunction):
                     fine = fine and not inspect.ismodule(target)
                 assert fine, f"{module.__name__}.{name} reads the module-level name {used!r}"
-    assert checked >= 15
+    assert checked >= 16
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests compile and run the kernels")

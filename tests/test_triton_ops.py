@@ -44,15 +44,23 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-wide tiles: several batch/template/position tiles with ragged tails on tiny maps."""
+    """The dense form in 16-wide tiles: several batch/template/position tiles with ragged tails on tiny maps."""
+    monkeypatch.setattr(triton_forms, "FORM", "dense")
     monkeypatch.setattr(triton_filter_loss, "_tile_sizes",
                         lambda B, HW, device: dict(BLOCK_B=16, BLOCK_T=16, BLOCK_K=16, BACKWARD_B=16,
                                                    BACKWARD_T=16, BLOCK_I=16))
 
 
+@pytest.fixture(params=["fused", "dense"])
+def form(request, monkeypatch):
+    """The two forms that run on small maps under "auto": fused (whole batch in one tile) and dense (beyond)."""
+    monkeypatch.setattr(triton_forms, "FORM", request.param)
+    return request.param
+
+
 # ------------------------------------------------------------------------------------ filter loss
 @pytest.mark.parametrize("shape", SHAPES)
-def test_filter_loss_forward_and_backward_match_reference(shape):
+def test_filter_loss_forward_and_backward_match_reference(shape, form):
     x = _maps(shape, scale=3.0)
     weights = torch.randn(shape[1], dtype=torch.float64)
     expected = reference.filter_loss_per_filter(x, 4.0)
@@ -68,7 +76,7 @@ def test_filter_loss_forward_and_backward_match_reference(shape):
         assert _relative(_grad(TRITON.filter_loss, x.float(), weights), expected_grad) <= 1e-5
 
 
-def test_float32_error_on_the_spec_case_beats_naive_float32():
+def test_float32_error_on_the_spec_case_beats_naive_float32(form):
     """docs/method.md §2: loss within 1e-4 relative of float64, gradient no worse than 2× naive float32's error."""
     x = _maps((16, 3, 14, 14), seed=1)
     weights = torch.ones(3, dtype=torch.float64)
@@ -94,7 +102,7 @@ def test_several_batch_and_template_tiles_with_online_shifts(small_tiles, scale)
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_filter_loss_any_strides_and_half_inputs(layout, dtype):
+def test_filter_loss_any_strides_and_half_inputs(layout, dtype, form):
     base = _maps((4, 3, 6, 10), scale=2.0, seed=3).to(dtype)
     x = {"channels_last": base.contiguous(memory_format=torch.channels_last),
          "sliced": base[:, ::2, :, ::2],
@@ -108,7 +116,7 @@ def test_filter_loss_any_strides_and_half_inputs(layout, dtype):
     assert _relative(grad, _grad(reference.filter_loss_per_filter, x.double(), weights)) <= 1e-2
 
 
-def test_filter_loss_gradcheck_float64():
+def test_filter_loss_gradcheck_float64(form):
     x = _maps((3, 1, 2, 3), seed=4).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: TRITON.filter_loss(t, 2.5), (x,), eps=1e-6, atol=1e-9)
 
@@ -445,8 +453,10 @@ def test_auto_form_uses_the_matrix_product_only_in_full_precision():
 
 
 def test_large_maps_take_the_pyramid_form_without_a_template_matrix(monkeypatch):
-    """From n = LARGE_N on, "auto" runs the pyramid form, which never builds the [HW+1, HW] templates."""
+    """From n = LARGE_N on, "auto" runs the pyramid form, which never builds the [HW+1, HW] templates (unless the
+    maps are small enough for the fused form, whose template matrix has at most 256 rows)."""
     assert triton_forms.chosen_form(28, 5, "cpu") == "pyramid" and triton_forms.chosen_form(27, 27, "cpu") == "dense"
+    assert triton_forms.chosen_form(28, 5, "cpu", batch=2) == "fused"
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the pyramid form built a dense template matrix")
@@ -455,7 +465,7 @@ def test_large_maps_take_the_pyramid_form_without_a_template_matrix(monkeypatch)
     monkeypatch.setattr(reference, "part_templates", forbidden)
     monkeypatch.setattr(triton_forms, "part_templates", forbidden)
     monkeypatch.setattr(triton_forms, "GEMM_MAX_N", 27)  # on CUDA too
-    x = _maps((2, 1, 28, 3), seed=10)
+    x = _maps((2, 1, 28, 10), seed=10)  # 281 templates: too many for the fused form
     loss = filter_loss(x, reduction="none", backend="triton")
     monkeypatch.undo()
     torch.testing.assert_close(loss, reference.filter_loss_per_filter(x, 4.0), rtol=1e-10, atol=1e-15)

@@ -1,5 +1,7 @@
-"""The three forms of the Triton filter loss (docs/method.md §1–2) and the choice between them.
+"""The four forms of the Triton filter loss (docs/method.md §1–2) and the choice between them.
 
+* **fused** (``triton_fused``): one program per filter computes the loss and, in training, dloss/dx in one pass
+  (the whole batch and every template in one tile: B ≤ 64, HW + 1 ≤ 256); autograd's backward only scales it.
 * **dense** (``triton_filter_loss``): fused kernels that recompute the logits s = T·xc from template tiles
   generated on the fly in every pass; no logits in memory, B·C·HW·(HW+1) multiply-adds per pass.
 * **gemm**: the logits materialised once by one matrix product, s[b, c, :] = T · xc[b, c, :] (cuBLAS on a GPU;
@@ -13,13 +15,14 @@ The MI on materialised logits (``logits_mi_forward`` / ``logits_mi_backward``) r
 one elementwise kernel for ∂loss/∂s = −g_c·e^u p_t (u − v_b − Ḡ_t)/B. Extra memory: the logits [B, C, HW+1]
 (kept for the backward pass) and their gradient.
 
-``FORM = "auto"`` on CUDA: "gemm" up to n = max(H, W) = GEMM_MAX_N when float32 matrix products run in full
-precision (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default) or the input is float64,
-else "pyramid" (never TF32 logits behind the user's back). Measured on an H200 (benchmarks/results/
-gpu_triton_nvidia-h200.md): gemm is the fastest form at n = 14, 28 and 56, pyramid the next, dense the slowest;
-beyond the sizes measured the product's O(n⁴) work must lose to the pyramid's O(n³), hence the pyramid beyond
-GEMM_MAX_N. Under the CPU interpreter (tests): "dense" below LARGE_N, "pyramid" from there (tests force
-"gemm" explicitly).
+``FORM = "auto"``: "fused" wherever it fits (not float64 on CUDA). Beyond it, on CUDA: "gemm" up to n = max(H, W)
+= GEMM_MAX_N when float32 matrix products run in full precision (``torch.get_float32_matmul_precision() ==
+"highest"``, PyTorch's default) or the input is float64, else "pyramid" (never TF32 logits behind the user's back).
+Measured on an H200 (docs/triton-kernels.md): at 64×512×14² the fused form takes 0.69 ms forward + backward
+launched eagerly, the gemm form 1.58 ms (0.46 ms replayed from a CUDA graph, where its launches cost nothing);
+gemm is the fastest of the other forms at n = 14, 28 and 56, pyramid the next, dense the slowest; beyond the sizes
+measured the product's O(n⁴) work must lose to the pyramid's O(n³), hence the pyramid beyond GEMM_MAX_N. Under
+the CPU interpreter (tests): "fused" where it fits, else "dense" below LARGE_N and "pyramid" from there.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from ._second_derivatives import forbid_second_derivative
 from ._triton_common import register_kernel_op
 from .reference import compute_dtype
 from . import triton_filter_loss as dense
+from . import triton_fused as fused
 from .triton_filter_loss import _SAFE_SPREAD, _entropy_term, _expm1, _log1p
 from .triton_pyramid import pyramid_logits
 from ..templates import part_templates
@@ -45,7 +49,7 @@ from ..templates import part_templates
 #: ``_mi_combine_kernel``: C·⌈T/BLOCK_T⌉ programs instead of C). Untuned on a GPU: ``benchmarks/gpu_triton.py``
 #: times alternatives (its MI sweep); SPLIT is tested under the interpreter, not yet timed on a GPU.
 MI_LAUNCH: dict[str, int] = {}
-FORMS = ("dense", "gemm", "pyramid")
+FORMS = ("fused", "dense", "gemm", "pyramid")
 FORM = "auto"
 LARGE_N = 28       # interpreter: the pyramid form from this n = max(H, W) on
 GEMM_MAX_N = 56    # CUDA: the gemm form up to this n (the largest size measured faster than the pyramid form)
@@ -234,15 +238,20 @@ forbid_second_derivative(logits_mi_backward, "triton")
 _TEMPLATE_CACHE: dict[tuple, Tensor] = {}
 
 
-def _templates(H: int, W: int, beta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The [HW+1, HW] template matrix, kept per (size, β, dtype, device) in eager mode (a few launches saved)."""
+def _templates(H: int, W: int, beta: float, dtype: torch.dtype, device: torch.device,
+               transposed: bool = False) -> Tensor:
+    """The [HW+1, HW] template matrix (contiguous [HW, HW+1] Tᵀ if ``transposed``), kept per (size, β, dtype,
+    device, transposed) in eager mode (a few launches saved)."""
+    def make() -> Tensor:
+        matrix = part_templates(H, W, beta=beta, dtype=dtype, device=device).reshape(H * W + 1, H * W)
+        return matrix.T.contiguous() if transposed else matrix
     if torch.compiler.is_compiling():
-        return part_templates(H, W, beta=beta, dtype=dtype, device=device).reshape(H * W + 1, H * W)
-    key = (H, W, float(beta), dtype, device)
+        return make()
+    key = (H, W, float(beta), dtype, device, transposed)
     if key not in _TEMPLATE_CACHE:
         if len(_TEMPLATE_CACHE) >= 16:
             _TEMPLATE_CACHE.clear()
-        _TEMPLATE_CACHE[key] = part_templates(H, W, beta=beta, dtype=dtype, device=device).reshape(H * W + 1, H * W)
+        _TEMPLATE_CACHE[key] = make()
     return _TEMPLATE_CACHE[key]
 
 
@@ -260,10 +269,19 @@ def _float32_products_in_full_precision() -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
-def chosen_form(H: int, W: int, device_type: str = "cuda", dtype: torch.dtype = torch.float32) -> str:
-    """The form ``triton_filter_loss`` runs for H×W maps on ``device_type`` under the current ``FORM``."""
+def chosen_form(H: int, W: int, device_type: str = "cuda", dtype: torch.dtype = torch.float32,
+                batch: int | None = None) -> str:
+    """The form ``triton_filter_loss`` runs for ``batch`` maps of H×W on ``device_type`` under the current ``FORM``.
+
+    "auto": the fused form wherever it fits (the whole batch and every template in one tile: ``triton_fused.fits``);
+    beyond it, on CUDA the matrix product up to GEMM_MAX_N in full float32 precision, else the pyramid; under the
+    interpreter the dense form below LARGE_N, else the pyramid.
+    """
     if FORM == "auto":
         n = max(H, W)
+        # (float64 on CUDA: the [B, HW+1] tiles in double would not fit a program's registers and shared memory)
+        if batch is not None and fused.fits(batch, H, W) and not (device_type == "cuda" and dtype == torch.float64):
+            return "fused"
         if device_type != "cuda":
             return "pyramid" if n >= LARGE_N else "dense"
         full_precision = dtype == torch.float64 or _float32_products_in_full_precision()
@@ -288,7 +306,14 @@ def use_form(form: str) -> Iterator[None]:
 
 def triton_filter_loss(x: Tensor, beta: float) -> Tensor:
     """−MI per filter [C] via the Triton kernels; x already validated for rank/dtype (values are not)."""
-    form = chosen_form(x.shape[2], x.shape[3], x.device.type, x.dtype)
+    B, _, H, W = x.shape
+    form = chosen_form(H, W, x.device.type, x.dtype, batch=B)
+    if form == "fused":
+        templates = _templates(H, W, beta, compute_dtype(x), x.device)
+        templates_t = _templates(H, W, beta, compute_dtype(x), x.device, transposed=True)
+        if torch.is_grad_enabled() and x.requires_grad:  # training: loss and dloss/dx in one pass
+            return fused.fused_filter_loss_forward_grad(x, templates, templates_t)[0]
+        return fused.fused_filter_loss(x, templates, templates_t)
     if form == "dense":
         return dense.filter_loss_forward(x, beta)[0]
     logits = gemm_logits(x, beta) if form == "gemm" else pyramid_logits(x, beta).transpose(0, 1)
