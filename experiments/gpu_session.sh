@@ -2,8 +2,11 @@
 # One device-tool call on a lent GPU. STAGES (default "tests bench") picks what runs, in this order:
 #   tests    the Triton filter-loss tests on the GPU (fused form, forms, torch.compile), ~2 min
 #   probe    torch.compile probe of every Triton op and form (experiments/gpu_compile_probe.py), ~1 min
+#   fused    the fused form's kernel alone per launch: registers, spills, time (experiments/gpu_fused_probe.py), ~1 min
 #   bench    benchmarks/gpu_triton.py: every kernel checked, then timed against the textbook form, ~3 min
 #   resnet   the 224-px resnet18 explainer fits of issue 11 (VARIANTS × 2 performers × 2 fit seeds), ~4 min
+# The next GPU session (2026-12-04 note): STAGES="tests fused resnet" with TESTS_FILTER="fused or compile" first
+# (the inductor test of the fused form has not run on a GPU), then the bench if time is left.
 # Logs land in $OUT (few files: the device tool returns at most 8). Used on an H200 on 2026-11-27, 2026-11-28 and
 # 2026-12-04 (docs/triton-kernels.md, docs/diversity-experiments.md).
 set -u
@@ -22,6 +25,10 @@ fi
 if [[ " $STAGES " == *" probe "* ]]; then
   timeout 90 python3 experiments/gpu_compile_probe.py > "$OUT/compile_probe.log" 2>&1
   echo "compile probe rc=$? at $SECONDS s"; grep -E "^(aot_eager|inductor)" "$OUT/compile_probe.log" | cut -c1-300
+fi
+if [[ " $STAGES " == *" fused "* ]]; then
+  timeout 140 python3 experiments/gpu_fused_probe.py > "$OUT/fused_probe.log" 2>&1
+  echo "fused probe rc=$? at $SECONDS s"; cat "$OUT/fused_probe.log" | cut -c1-300
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timeout ${BENCH_TIMEOUT:-220} python3 benchmarks/gpu_triton.py --budget ${BENCH_BUDGET:-90} --out "$OUT" ${BENCH_ARGS:-} > "$OUT/gpu_triton.log" 2>&1
