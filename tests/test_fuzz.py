@@ -416,7 +416,7 @@ def _triton_device() -> str:
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("index", range(TRITON_CASES))
 def test_triton_filter_loss_fuzz(index: int) -> None:
-    """The Triton filter loss (interpreted on CPU without a GPU) on small random cases, all three forms."""
+    """The Triton filter loss (interpreted on CPU without a GPU) on small random cases, every form."""
     from fastexplain.ops import triton_forms
 
     case = draw_case("triton_filter_loss", index, max_size=9, max_side=9, bad_fraction=0.1)
@@ -425,8 +425,8 @@ def test_triton_filter_loss_fuzz(index: int) -> None:
     if case.bad is not None:
         expect_value_error(case, lambda: run(x))
         return
-    # dense (template tiles), gemm and pyramid (materialised logits), and gemm with the MI forward split over
-    # template tiles of 8 (batch tiles of 8)
+    # fused (one program per filter), dense (template tiles), gemm and pyramid (materialised logits), and gemm with
+    # the MI forward split over template tiles of 8 (batch tiles of 8)
     for form, launch in [(form, {}) for form in triton_forms.FORMS] + [("gemm", {"SPLIT": 1, "BLOCK_B": 8, "BLOCK_T": 8})]:
         triton_forms.MI_LAUNCH.update(launch)
         try:
