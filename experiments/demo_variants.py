@@ -27,6 +27,15 @@ NAMES = {"location_instability_ratio": "LI", "part_interpretability_ratio": "PI"
 def _run(job: tuple[str, dict, int, str, str, int]) -> dict:
     name, options, seed, out, performers, threads = job
     torch.set_num_threads(threads)
+    options = dict(options)
+    train = options.pop("train", {})
+    if train:  # TrainConfig overrides: run_demo builds its TrainConfig from fastexplain.train's class
+        import dataclasses
+
+        import fastexplain.train as training
+        training.TrainConfig = dataclasses.make_dataclass(
+            "TrainConfig", [(key, type(value), dataclasses.field(default=value)) for key, value in train.items()],
+            bases=(training.TrainConfig,))
     from fastexplain.demo import cache_dir, run_demo
 
     folder = Path(out) / f"{name}_s{seed}"
@@ -48,7 +57,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--performers", required=True, help="folder of a demo run per seed, with {seed}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", required=True, help="JSON: name → ExplainerConfig overrides")
+    parser.add_argument("--variants", required=True,
+                        help='JSON: name → ExplainerConfig overrides, and "train": TrainConfig overrides')
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
