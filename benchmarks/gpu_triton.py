@@ -116,8 +116,6 @@ FORMS = ("fused", "dense", "gemm", "pyramid")
 def triton_variants(precisions: list[str], shape: tuple[int, ...] | None = None,
                     forms: tuple[str, ...] = FORMS) -> dict[str, Callable]:
     """The Triton forms to check and time; the fused form only on shapes it takes (``triton_fused.fits``)."""
-    from fastexplain.ops import triton_fused
-
     return {name: fn for name, fn in _all_variants(precisions, shape).items() if name.split("_")[1] in forms}
 
 
