@@ -97,8 +97,8 @@ def _time_local_passes_alone(x: torch.Tensor, reps: int) -> list[float]:
 
     def step() -> None:
         passes = local_passes(_registry.load("cpu"), x, 4.0)
-        loss, n_total = loss_from_passes(passes, x.shape[0], lambda tensor, op: tensor)
-        grad_from_passes(passes, n_total, torch.ones_like(loss), lambda tensor, op: tensor)
+        loss, n_total, global_sums = loss_from_passes(passes, x.shape[0], lambda tensor, op: tensor)
+        grad_from_passes(passes, n_total, torch.ones_like(loss), global_sums)
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

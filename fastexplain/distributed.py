@@ -14,20 +14,25 @@ Algorithm (per filter c, templates t = 0 … HW, T the [HW+1, HW] template matri
     1. all-reduce SUM of [Σ_b x_b (C·HW) | B_r | #non-finite | #negative]  → N, x̄ = Σ x / N, flags.
        Every rank raises the same ValueError when any rank's input is bad (no rank is left waiting).
     2. s[b,t] = T·(x_b − x̄) locally (the global batch mean of s is 0 up to rounding, docs/method.md §2 "Scale");
-       all-reduce MAX of max_b s [C, T]          → shift_t = max(max_b s − 30, 0) (overflow guard only).
-    3. all-reduce SUM of Σ_b expm1(s − shift) [C, T]
-                                                  → M_t = Σ / N, lme_t = shift_t + log1p(M_t) = log mean_b e^s.
+       the overflow guard shift_t = max(max_b s − 30, 0) over the global batch is 0 unless some logit exceeds
+       30, so each rank sums Σ_b expm1(s) [C, T] and flags whether its own max_b s exceeds 30:
+       all-reduce SUM of [Σ_b expm1(s) | flag]. With no flag (the usual case) shift = 0 and
+       M_t = Σ / N. Otherwise (2') all-reduce MAX of max_b s → shift, and (3') all-reduce SUM of
+       Σ_b expm1(s − shift) → M_t; lme_t = shift_t + log1p(M_t) = log mean_b e^s either way.
     4. u = s − lme (= log N·q), v = log Σ_t p_t e^u (= log N·P) locally;
-       all-reduce SUM of [Σ_t p_t Σ_b f(u) | Σ_b f(v)] (2·C) → MI = (conditional − marginal) / N.
+       all-reduce SUM of [Σ_t p_t Σ_b f(u) | Σ_b f(v)] (2·C) → MI = (conditional − marginal) / N,
+       and, when x requires grad, of the backward sums Σ_b e^u (u − v) [C, T] in the same collective
+       (they depend on the forward pass only).
   backward (docs/method.md §2 "Exact gradient", with g = p_t (log q − log P) = p_t (u − v), q = e^u / N)
-    5. all-reduce SUM of Σ_b e^u (u − v) [C, T]  → Σ_b' q g = p_t · that / N;
-       ∂MI/∂s[b,t] = p_t e^u (u − v − Σ/N) / N locally, ∂loss/∂x_b = −grad · (∂MI/∂s) · T.
+    5. with W the all-reduced backward sums: Σ_b' q g = p_t · W / N;
+       ∂MI/∂s[b,t] = p_t e^u (u − v − W/N) / N locally, ∂loss/∂x_b = −grad · (∂MI/∂s) · T.
        This term already carries the gradient through lme (Z_T's dependence on every image). The
        gradient through the centring x − x̄ is Σ_b ∂MI/∂s[b,t] · T = 0 exactly (Σ_b q = 1), and the
-       shift is a constant, so neither needs communication.
+       shift is a constant, so neither needs communication. The backward pass has no collective.
 
-Communication per step: C·(HW + 3·(HW+1) + 2) + 14 numbers, O(C·(HW+1)); five forward collectives (four
-dependent rounds after the tiny agreement check) and one backward collective. Never the B×C×H×W maps.
+Communication per step: C·(HW + 2·(HW+1) + 2) + 15 numbers, O(C·(HW+1)); four forward collectives (three
+dependent rounds after the tiny agreement check; two more when a logit exceeds 30) and none in backward.
+Never the B×C×H×W maps.
 
 Gradient convention. By default the gradient that reaches each rank's x is ∂L/∂x_r, the slice of the
 single-process gradient on the concatenated batch. DistributedDataParallel *averages* parameter
@@ -124,15 +129,17 @@ class _GlobalFilterLoss(torch.autograd.Function):
             except (ValueError, RuntimeError) as error:  # BackendUnavailable is a RuntimeError
                 local_error = _without_traceback(error)
         _check_agreement(x, beta, group, local_error)
-        loss, n_total = loss_from_passes(passes, x.shape[0], _group_reducer(group))
-        ctx.passes, ctx.group, ctx.n_total, ctx.grad_factor = passes, group, n_total, grad_factor
+        loss, n_total, global_sums = loss_from_passes(passes, x.shape[0], _group_reducer(group),
+                                                      with_backward_sums=ctx.needs_input_grad[0])
+        ctx.passes, ctx.global_sums, ctx.n_total, ctx.grad_factor = passes, global_sums, n_total, grad_factor
         ctx.input_dtype = x.dtype
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_per_filter: Tensor) -> tuple[Tensor | None, ...]:
-        grad = grad_from_passes(ctx.passes, ctx.n_total, grad_per_filter * ctx.grad_factor, _group_reducer(ctx.group))
+        grad = grad_from_passes(ctx.passes, ctx.n_total, grad_per_filter * ctx.grad_factor, ctx.global_sums)
+        ctx.passes = ctx.global_sums = None
         return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
@@ -141,11 +148,13 @@ def _group_reducer(group: Any) -> Reducer:
     return lambda tensor, op: _all_reduce(tensor, group, ops[op])
 
 
-def loss_from_passes(passes: LocalFilterLossPasses, batch_size: int, all_reduce: Reducer) -> tuple[Tensor, int]:
-    """Forward steps 1–4 of the module docstring on one rank: (−MI per filter [C], N).
+def loss_from_passes(passes: LocalFilterLossPasses, batch_size: int, all_reduce: Reducer, *,
+                     with_backward_sums: bool = True) -> tuple[Tensor, int, Tensor | None]:
+    """Forward steps 1–4 of the module docstring on one rank: (−MI per filter [C], N, W).
 
     ``all_reduce(tensor, op)`` with op "sum" or "max" returns the reduction over all ranks (a process
-    group's all-reduce; tests pass an in-process one to run many simulated ranks).
+    group's all-reduce; tests pass an in-process one to run many simulated ranks). W is the all-reduced
+    backward sums [C, T] that :func:`grad_from_passes` needs (None unless ``with_backward_sums``).
     """
     map_sum, nonfinite, negative = passes.map_sums()
     counts = torch.tensor([batch_size, nonfinite, negative], dtype=map_sum.dtype, device=map_sum.device)
@@ -156,18 +165,32 @@ def loss_from_passes(passes: LocalFilterLossPasses, batch_size: int, all_reduce:
     if negative_total:
         raise ValueError(negative_message(_OP) + " (on at least one rank of the process group)")
     mean_maps = reduced[:-3].reshape(map_sum.shape) / n_total
-    maxima = all_reduce(passes.logit_maxima(mean_maps), "max")
-    shift = (maxima - _SAFE_SPREAD).clamp_min(0)
-    mean_expm1 = all_reduce(passes.expm1_sums(shift), "sum") / n_total  # lme = shift + log1p(mean_expm1)
-    conditional, marginal = passes.entropy_sums(shift, mean_expm1)
-    sums = all_reduce(torch.stack([conditional, marginal]), "sum")
-    return -(sums[0] - sums[1]) / n_total, n_total
+    local_maxima = passes.logit_maxima(mean_maps)
+    shift = torch.zeros_like(local_maxima)
+    needs_shift = float(bool((local_maxima > _SAFE_SPREAD).any()))
+    unshifted = passes.expm1_sums(shift) if not needs_shift else torch.zeros_like(local_maxima)
+    flag = torch.tensor([needs_shift], dtype=unshifted.dtype, device=unshifted.device)
+    summed = all_reduce(torch.cat([unshifted.flatten(), flag]), "sum")
+    if summed[-1] > 0:  # some rank's logits exceed the guard: the shifted sums (steps 2' and 3')
+        shift = (all_reduce(local_maxima, "max") - _SAFE_SPREAD).clamp_min(0)
+        mean_expm1 = all_reduce(passes.expm1_sums(shift), "sum") / n_total
+    else:
+        mean_expm1 = summed[:-1].reshape(local_maxima.shape) / n_total
+    conditional, marginal = passes.entropy_sums(shift, mean_expm1)  # lme = shift + log1p(mean_expm1)
+    parts = [conditional, marginal] + ([passes.backward_sums().flatten()] if with_backward_sums else [])
+    sums = all_reduce(torch.cat(parts), "sum")
+    C = conditional.numel()
+    global_sums = sums[2 * C:].reshape(local_maxima.shape) if with_backward_sums else None
+    return -(sums[:C] - sums[C:2 * C]) / n_total, n_total, global_sums
 
 
 def grad_from_passes(passes: LocalFilterLossPasses, n_total: int, grad_per_filter: Tensor,
-                     all_reduce: Reducer) -> Tensor:
-    """Backward step 5 on one rank: ∂(Σ_c grad_c·loss_c)/∂x for this rank's images, compute dtype."""
-    global_sums = all_reduce(passes.backward_sums(), "sum")
+                     global_sums: Tensor | None) -> Tensor:
+    """Backward step 5 on one rank: ∂(Σ_c grad_c·loss_c)/∂x for this rank's images, compute dtype, from the
+    all-reduced backward sums that :func:`loss_from_passes` returned (no collective)."""
+    if global_sums is None:
+        raise RuntimeError(f"{_OP}: the backward sums were not all-reduced in the forward pass; call "
+                           f"loss_from_passes(..., with_backward_sums=True)")
     return passes.input_grad(global_sums, n_total, grad_per_filter.to(global_sums.dtype))
 
 

@@ -57,7 +57,7 @@ import fastexplain
 from fastexplain.distributed import grad_from_passes, loss_from_passes
 from fastexplain.ops import _registry, reference
 from fastexplain.ops._checks import negative_message, nonfinite_message
-from fastexplain.ops.local_passes import local_passes
+from fastexplain.ops.local_passes import ReferenceLocalPasses, local_passes
 
 FUZZ_CASES = int(os.environ.get("FASTEXPLAIN_FUZZ_CASES", "25"))
 FUZZ_SEED = int(os.environ.get("FASTEXPLAIN_FUZZ_SEED", "0"))
@@ -348,8 +348,8 @@ def simulate_ranks(chunks: list[torch.Tensor], beta: float, backend: str,
         try:
             passes = local_passes(_registry.load(backend), chunks[rank], beta)
             reduce = group.reducer(rank)
-            loss, n_total = loss_from_passes(passes, chunks[rank].shape[0], reduce)
-            grad = grad_from_passes(passes, n_total, weights.to(loss.dtype), reduce)
+            loss, n_total, global_sums = loss_from_passes(passes, chunks[rank].shape[0], reduce)
+            grad = grad_from_passes(passes, n_total, weights.to(loss.dtype), global_sums)
             outcome[rank] = (loss, grad.to(chunks[rank].dtype))
         except BaseException as error:  # noqa: BLE001 - reported by the test
             if not isinstance(error, ValueError):  # bad inputs make every rank raise in step: no abort
@@ -401,6 +401,36 @@ def test_local_passes_fuzz(index: int) -> None:
         assert torch.equal(loss, losses[0]), f"ranks disagree on the loss: {case}"
     grad = torch.cat([result[1] for result in outcome])
     check_loss_and_grad(case, x, losses[0], grad, float64_loss_tol=1e-10, float64_grad_tol=1e-10)
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("large_on", [(1,), (0, 2), ()])
+def test_local_passes_overflow_guard_on_some_ranks(backend: str, large_on: tuple[int, ...]) -> None:
+    """The overflow guard's shift is global: when only some ranks hold logits above it (maps ×5000 there),
+    every rank takes the shifted path (steps 2'–3' of fastexplain.distributed), and the loss and gradient
+    still equal the single-process reference on the concatenated batch in float64. Without large maps the
+    unshifted single round is taken, with the same result."""
+    generator = torch.Generator().manual_seed(len(large_on))
+    chunks = [torch.rand(3, 4, 5, 6, generator=generator, dtype=torch.float64) * (5000.0 if rank in large_on else 1.0)
+              for rank in range(3)]
+    whole = torch.cat(chunks)
+    largest_logit = ReferenceLocalPasses(whole, 4.0).logit_maxima(whole.mean(0).reshape(4, 30)).max()
+    assert (largest_logit > 30) == bool(large_on)  # the guard is (not) needed, as the case intends
+    weights = torch.rand(4, generator=generator, dtype=torch.float64)
+    outcome = simulate_ranks(chunks, 4.0, backend, weights)
+    for result in outcome:
+        if isinstance(result, BaseException):
+            raise result
+    x = torch.cat(chunks).requires_grad_(True)
+    expected = fastexplain.filter_loss(x, beta=4.0, reduction="none", backend="reference")
+    (expected * weights).sum().backward()
+    # float64 rounding of logits of size ~max|x|/2 (the resolution floor of check_loss_and_grad)
+    floor = 4 * torch.finfo(torch.float64).eps * (math.log(9) + 0.5 * float(whole.max()))
+    for loss, _ in outcome:
+        assert (loss - expected.detach()).abs().max() <= 1e-10 * expected.abs().max() + floor
+    grad = torch.cat([result[1] for result in outcome])
+    assert (grad - x.grad).abs().max() <= 1e-10 * x.grad.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------- Triton

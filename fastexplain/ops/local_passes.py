@@ -42,7 +42,9 @@ __all__ = ["LocalFilterLossPasses", "ReferenceLocalPasses", "CpuLocalPasses", "l
 
 class LocalFilterLossPasses(Protocol):
     """The local passes over one rank's x [B, C, H, W]; every tensor is in the compute dtype
-    (float32, float64 for float64 inputs), on x's device. Called once each, in this order."""
+    (float32, float64 for float64 inputs), on x's device. Called in this order, once each, except
+    ``expm1_sums``: a second time, with the global overflow-guard shift, when some rank's logits exceed it
+    (``fastexplain.distributed``)."""
 
     def map_sums(self) -> tuple[Tensor, int, int]:
         """(Σ_b x_b as [C, HW], number of non-finite elements, number of negative elements)."""
@@ -51,7 +53,7 @@ class LocalFilterLossPasses(Protocol):
         """Given the global batch mean x̄ [C, HW]: max_b s[b, t] [C, T] with s = T·(x_b − x̄)."""
 
     def expm1_sums(self, shift: Tensor) -> Tensor:
-        """Σ_b expm1(s[b, t] − shift[t]) as [C, T]."""
+        """Σ_b expm1(s[b, t] − shift[t]) as [C, T] (a later call replaces what an earlier one kept)."""
 
     def entropy_sums(self, shift: Tensor, mean_expm1: Tensor) -> tuple[Tensor, Tensor]:
         """Given M = (global Σ_b expm1(s − shift)) / N, i.e. lme = shift + log1p(M) = log mean_b e^s:
