@@ -84,6 +84,53 @@ inline void backward_template_float(float* __restrict ds, float* __restrict weig
   }
 }
 
+// backward_template_float for B = 16·NV images (NV ≤ 4, the common batches 16 … 64): the template's row is at most
+// four vectors, so u, q·B and g stay in registers and the three passes become one read of the row and one write of
+// ds, with the same operations per element in the same order (the same results as the general loop).
+template <bool kSaved, int NV>
+inline void backward_template_float_regs(float* __restrict ds, float* __restrict qB_row, const float* __restrict v,
+                                         float lme0, float lme1, float prior, float inv_B, float scale,
+                                         float* __restrict totals) {
+  Float16 u[NV], q[NV], weighted[NV];
+  for (int k = 0; k < NV; ++k) {
+    u[k] = kSaved ? load16(ds + 16 * k) : (load16(ds + 16 * k) - lme0) - lme1;
+    q[k] = 1.0f + (kSaved ? load16(qB_row + 16 * k) : expm1_16(u[k]));
+    weighted[k] = prior * (u[k] - load16(v + 16 * k));
+  }
+  // The first image of largest u: per lane the first maximum (strict >), then the smallest index among the lanes
+  // that hold the overall maximum.
+  Float16 best = u[0];
+  Int16 best_index = Int16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, index = best_index;
+  for (int k = 1; k < NV; ++k) {
+    index += 16;
+    const auto better = u[k] > best;
+    best = better ? u[k] : best;
+    best_index = better ? index : best_index;
+  }
+  const float u_max = max16(best);
+  float lanes[16];
+  int32_t lane_index[16];
+  std::memcpy(lanes, &best, sizeof(best));
+  std::memcpy(lane_index, &best_index, sizeof(best_index));
+  int32_t ref = 16 * NV - 1;
+  for (int l = 0; l < 16; ++l)
+    if (lanes[l] == u_max && lane_index[l] < ref) ref = lane_index[l];
+  alignas(64) float row[16 * NV];
+  for (int k = 0; k < NV; ++k) store16(row + 16 * k, weighted[k]);
+  const float g_ref = row[ref];
+  Float16 sums = Float16{};
+  for (int k = 0; k < NV; ++k) {
+    weighted[k] = weighted[k] - g_ref;
+    sums += q[k] * weighted[k];
+  }
+  const float centre = sum16(sums) * inv_B;
+  for (int k = 0; k < NV; ++k) {
+    const Float16 d = scale * q[k] * (weighted[k] - centre);
+    store16(ds + 16 * k, d);
+    store16(totals + 16 * k, load16(totals + 16 * k) + d);
+  }
+}
+
 // dloss/dx for one filter: g = p_t (u − v), dMI/ds = q (g − Σ_b q g), dloss/ds = −grad·dMI/ds,
 // dx_b(i) = Σ_t dloss/ds[b,t]·T_t(i), then the centring's Jacobian (subtract the batch mean).
 // kSaved = false (the backward op): ws.maps holds the gathered maps; the logits are recomputed and u rebuilt from lme.
@@ -106,8 +153,15 @@ void filter_gradient(const LossGeometry& g, Workspace<F>& ws, F grad,
     F* __restrict weighted = kSaved ? ws.pyramid.data() : ws.w.data() + t * B;
     F* __restrict qB = kSaved ? ws.w.data() + t * B : ws.pyramid.data();
     if constexpr (std::is_same_v<F, float>) {
-      backward_template_float<kSaved>(ds, weighted, qB, v, B, lme0, lme1, prior, inv_B, -grad * inv_B,
-                                      template_totals);
+      const float scale = -grad * inv_B;
+      switch (B) {  // the row in registers (kSaved: qB is w's row; otherwise the expm1 is evaluated here)
+        case 16: backward_template_float_regs<kSaved, 1>(ds, qB, v, lme0, lme1, prior, inv_B, scale, template_totals); continue;
+        case 32: backward_template_float_regs<kSaved, 2>(ds, qB, v, lme0, lme1, prior, inv_B, scale, template_totals); continue;
+        case 48: backward_template_float_regs<kSaved, 3>(ds, qB, v, lme0, lme1, prior, inv_B, scale, template_totals); continue;
+        case 64: backward_template_float_regs<kSaved, 4>(ds, qB, v, lme0, lme1, prior, inv_B, scale, template_totals); continue;
+        default: break;
+      }
+      backward_template_float<kSaved>(ds, weighted, qB, v, B, lme0, lme1, prior, inv_B, scale, template_totals);
       continue;
     }
     F u_max = -INFINITY;

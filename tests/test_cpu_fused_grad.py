@@ -165,3 +165,26 @@ def test_fused_step_allocates_one_map():
            if event.name() == "[memory]" and event.nbytes() >= x.nbytes // 2]
     assert len(big) == 1, big
     torch.testing.assert_close(x.grad, fused_gradient(x, torch.ones(16))[1])
+
+
+@pytest.mark.parametrize("batch", [16, 32, 48, 64])
+@pytest.mark.parametrize("maps_kind", ["random", "tied", "one_hot"])
+def test_register_rows_match_the_float64_reference(batch, maps_kind):
+    """B = 16, 32, 48, 64 take the gradient's register-resident template rows (both paths); the general loop and
+    float64 are the yardsticks, with ties in u (identical images) and one image owning each template."""
+    x = maps((batch, 3, 5, 7), torch.float32, seed=batch)
+    if maps_kind == "tied":
+        x[batch // 2:] = x[: batch - batch // 2]
+    elif maps_kind == "one_hot":
+        x = torch.zeros_like(x)
+        x[batch - 3, :, 2, 4] = 50.0
+    grad = torch.tensor([1.0, -0.5, 2.0])
+    expected_loss = fastexplain.filter_loss(x.double(), reduction="none", backend="reference")
+    xd = x.double().requires_grad_()
+    (expected_dx,) = torch.autograd.grad(fastexplain.filter_loss(xd, reduction="none", backend="reference"), xd,
+                                         grad.double())
+    scale = float(expected_dx.abs().max()) + 1e-30
+    for loss, dx in (fused_gradient(x, grad), two_op_gradient(x, grad)):
+        assert torch.isfinite(dx).all()
+        torch.testing.assert_close(loss.double(), expected_loss, rtol=2e-6, atol=1e-7)
+        assert float((dx.double() - expected_dx).abs().max()) <= 2e-5 * scale
