@@ -29,6 +29,8 @@ _TUNING_FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--epochs", "train", "epochs", int, "joint training epochs"),
     ("--refine-epochs", "train", "refine_epochs", int,
      "extra epochs that train only the ordinary track and decoder"),
+    ("--average-decay", "train", "average_decay", float,
+     "store the moving average of the refinement's weights with this decay per step (0: the last weights)"),
     ("--batch-size", "train", "batch_size", int, "global batch size"),
     ("--lr", "train", "lr", float, "learning rate"),
     ("--seed", "train", "seed", int, "seed of the initialisation and data order"),

@@ -53,7 +53,7 @@ def test_help_shows_the_library_defaults_read_from_the_dataclasses(monkeypatch: 
     assert "[12.5]" in text and "[7]" in text
     for flag in ("--filter-weight", "--kl-weight", "--p-weight", "--parts", "--refine-epochs", "--gate",
                  "--num-workers", "--config", "--diversity-weight", "--constellation-weight", "--crowding-weight",
-                 "--part-lr-scale"):
+                 "--part-lr-scale", "--average-decay"):
         assert flag in text
 
 
@@ -69,13 +69,13 @@ def test_flags_and_config_file_with_flags_winning(tmp_path: Path, captured_fit: 
                                   "train": {"gate_lr_scale": 2.0}, "explainer": {"p_weight": 0.25}}))
     assert _run(tmp_path, "--config", str(config), "--filter-weight", "5", "--parts", "8", "--gate", "image",
                 "--refine-epochs", "2", "--num-workers", "1", "--kl-weight", "0", "--constellation-weight", "100",
-                "--part-lr-scale", "0.3") == 0
+                "--part-lr-scale", "0.3", "--average-decay", "0") == 0
     assert captured_fit["explainer_config"] == {"filter_weight": 5.0, "contrast": 2.0, "p_weight": 0.25,
                                                 "parts": 8, "gate": "image", "kl_weight": 0.0,
                                                 "constellation_weight": 100.0}
     train = captured_fit["config"]
     assert (train.epochs, train.gate_lr_scale, train.refine_epochs, train.num_workers) == (4, 2.0, 2, 1)
-    assert train.part_lr_scale == 0.3
+    assert train.part_lr_scale == 0.3 and train.average_decay == 0.0
 
 
 @pytest.mark.parametrize("content, message", [

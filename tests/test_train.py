@@ -210,3 +210,46 @@ def test_too_few_steps_for_the_recipe_are_a_warning(tmp_path: Path, monkeypatch)
         warnings.filterwarnings("error", message="fit: .* optimisation steps")
         fit(_performer(), _images(), tmp_path / "enough", TrainConfig(epochs=2, batch_size=8, refine_epochs=0),
             {"parts": 8}, progress=False)
+
+
+def test_weight_averaging_is_stored_and_resumes_exactly(tmp_path: Path) -> None:
+    """average_decay: the checkpoint's explainer is the moving average, the live weights resume exactly."""
+    options = {"parts": 4}
+
+    def config(epochs: int, decay: float = 0.5) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=4, refine_epochs=0, average_decay=decay, lr=5e-3)
+
+    fit(_performer(), _images(), tmp_path / "straight", config(2), options, progress=False)
+    fit(_performer(), _images(), tmp_path / "split", config(1), options, progress=False)
+    fit(_performer(), _images(), tmp_path / "split", config(2), options, resume=True, progress=False)
+    fit(_performer(), _images(), tmp_path / "plain", config(2, 0.0), options, progress=False)
+    a, b, plain = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "split", "plain"))
+    for key in ("explainer", "training_explainer"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["average_steps"] == b["average_steps"] == 8 and "training_explainer" not in plain
+    # the live weights are those of training without averaging; the average lies between them and the start
+    weight = "interpretable1.conv.weight"
+    assert torch.equal(a["training_explainer"][weight], plain["explainer"][weight])
+    assert not torch.equal(a["explainer"][weight], plain["explainer"][weight])
+    assert load_explainer(tmp_path / "straight").config.parts == 4
+    with pytest.raises(ValueError, match="average_decay must be in"):
+        TrainConfig(average_decay=1.0)
+
+
+def test_weight_average_restarts_when_refinement_begins(tmp_path: Path) -> None:
+    """The average restarts at the first refinement epoch: the part filters it stores are the frozen ones, exactly,
+    while the decoder's differ from the live weights; resuming across the boundary reproduces the straight run."""
+    options = {"parts": 4}
+    config = TrainConfig(epochs=1, refine_epochs=1, batch_size=4, average_decay=0.9, lr=5e-3)
+    fit(_performer(), _images(), tmp_path / "straight", config, options, progress=False)
+    fit(_performer(), _images(), tmp_path / "split", TrainConfig(**{**config.__dict__, "refine_epochs": 0}), options,
+        progress=False)
+    fit(_performer(), _images(), tmp_path / "split", config, options, resume=True, progress=False)
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "split"))
+    assert a["average_steps"] == 4
+    for name in a["explainer"]:
+        assert torch.equal(a["explainer"][name], b["explainer"][name]), name
+    for name in ("interpretable1.conv.weight", "interpretable2.conv.weight"):
+        assert torch.equal(a["explainer"][name], a["training_explainer"][name]), name
+    assert not torch.equal(a["explainer"]["decoder2.weight"], a["training_explainer"]["decoder2.weight"])
