@@ -17,6 +17,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,18 +25,36 @@ NAMES = {"location_instability_ratio": "LI", "part_interpretability_ratio": "PI"
          "colocation_group_fraction": "groups", "parts_covered": "parts", "p": "p", "agreement": "agr"}
 
 
+_SHIPPED_TRAIN_CONFIG: type | None = None  # fastexplain.train.TrainConfig as imported first in this worker
+
+
+def _use_train_overrides(train: dict) -> Any:
+    """Make fastexplain.train.TrainConfig default to ``train``'s values (on top of the shipped class, so one job's
+    overrides never leak into the next job of the same worker); returns the demo settings that carry them."""
+    global _SHIPPED_TRAIN_CONFIG
+    import dataclasses
+
+    import fastexplain.train as training
+    from fastexplain.demo import DemoSettings
+
+    if _SHIPPED_TRAIN_CONFIG is None:
+        _SHIPPED_TRAIN_CONFIG = training.TrainConfig
+    training.TrainConfig = _SHIPPED_TRAIN_CONFIG if not train else dataclasses.make_dataclass(
+        "TrainConfig", [(key, type(value), dataclasses.field(default=value)) for key, value in train.items()],
+        bases=(_SHIPPED_TRAIN_CONFIG,))
+    # run_demo passes its own epochs, refinement epochs and batch size from DemoSettings, whose defaults were read
+    # from TrainConfig when fastexplain.demo was imported: set them from this job's TrainConfig
+    effective = training.TrainConfig()
+    return dataclasses.replace(DemoSettings(), explainer_epochs=effective.epochs,
+                               explainer_refine_epochs=effective.refine_epochs,
+                               explainer_batch_size=effective.batch_size)
+
+
 def _run(job: tuple[str, dict, int, str, str, int]) -> dict:
     name, options, seed, out, performers, threads = job
     torch.set_num_threads(threads)
     options = dict(options)
-    train = options.pop("train", {})
-    if train:  # TrainConfig overrides: run_demo builds its TrainConfig from fastexplain.train's class
-        import dataclasses
-
-        import fastexplain.train as training
-        training.TrainConfig = dataclasses.make_dataclass(
-            "TrainConfig", [(key, type(value), dataclasses.field(default=value)) for key, value in train.items()],
-            bases=(training.TrainConfig,))
+    settings = _use_train_overrides(options.pop("train", {}))
     from fastexplain.demo import cache_dir, run_demo
 
     folder = Path(out) / f"{name}_s{seed}"
@@ -45,7 +64,7 @@ def _run(job: tuple[str, dict, int, str, str, int]) -> dict:
     if not (cache / "performer.pt").exists():
         shutil.copy(source, cache / "performer.pt")
     started = time.perf_counter()
-    metrics = run_demo(folder, progress=False, explainer_options=options, seed=seed)
+    metrics = run_demo(folder, progress=False, explainer_options=options, settings=settings, seed=seed)
     targets = {t["name"]: t["value"] for t in metrics["targets"]}
     return {"variant": name, "seed": seed, "options": options, "seconds": time.perf_counter() - started,
             "targets": targets, "best_parts": metrics["explainer"]["best_part_histogram"],
