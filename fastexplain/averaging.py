@@ -21,6 +21,7 @@ class WeightAverage:
     """The exponential moving average of ``module``'s parameters (its buffers copied)."""
 
     def __init__(self, module: nn.Module, decay: float, state: dict[str, Any] | None = None) -> None:
+        """``state``: {"steps": t, "averaged": a state dict} to continue a saved average (``fit``'s resume)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"WeightAverage: decay must be in (0, 1), got {decay!r}")
         self.decay = float(decay)
@@ -50,6 +51,3 @@ class WeightAverage:
                 target.lerp_(value.detach().to(target.dtype), 1.0 - decay)
             else:
                 target.copy_(value)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "averaged": self.averaged}
