@@ -228,7 +228,7 @@ def test_weight_averaging_is_stored_and_resumes_exactly(tmp_path: Path) -> None:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert a["average_steps"] == b["average_steps"] == 8 and "training_explainer" not in plain
-    # the live weights are those of training without averaging; the average lies between them and the start
+    # the live weights are those of training without averaging; the stored average differs from them
     weight = "interpretable1.conv.weight"
     assert torch.equal(a["training_explainer"][weight], plain["explainer"][weight])
     assert not torch.equal(a["explainer"][weight], plain["explainer"][weight])
